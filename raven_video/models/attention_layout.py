@@ -1,0 +1,202 @@
+"""Frame-level sequence layouts and the attention masks they imply.
+
+Every forward mode of :class:`~raven_video.models.CausalWanTransformer3DModel` is a sequence of *segments*; a segment
+is a run of latent frames of one chunk, either **noisy** (seen only by itself) or **clean** (seen by itself and by
+every later chunk). The layout alone decides RoPE positions, per-frame timesteps and the attention mask
+(spec §3.1–3.3), so masks can be built once, outside compiled code, and cached by layout (DESIGN invariant 4).
+
+- bidirectional (teacher, critic): one clean segment, no mask;
+- block-causal (``causal=True``): one clean segment per chunk -> chunk c sees chunks 1..c;
+- training-time test (interleaved): ``[z_1, x_1, z_2, x_2, ..., z_N]`` -> ``z_c`` sees itself + ``x_1..x_{c-1}``,
+  ``x_c`` sees itself + ``x_1..x_{c-1}``, nobody sees another noisy segment (spec §3.2).
+
+Local attention window and sink (LongLive-style, for streams longer than the training length): with
+``local_attn_size = W`` latent frames (-1 = unlimited) and ``sink_size = S``, a query in a chunk whose last frame is
+``b - 1`` sees a clean key frame ``f`` iff ``f < S`` or ``f >= b - (W - S)``. The KV cache implements the same rule
+with a ring buffer (:mod:`raven_video.models.kv_cache`).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A run of latent frames of one chunk.
+
+    Attributes:
+        num_frames: latent frames in the segment.
+        frame_start: video frame index of its first frame (= RoPE temporal position).
+        noisy: ``True`` for a noisy state (visible only to itself), ``False`` for clean history.
+        chunk: chunk index (0-based).
+    """
+
+    num_frames: int
+    frame_start: int
+    noisy: bool
+    chunk: int
+
+    @property
+    def frame_end(self) -> int:
+        return self.frame_start + self.num_frames
+
+
+def chunk_sizes(num_frames: int, frames_per_block: int, first_block: int | None = None) -> list[int]:
+    """Latent frames per chunk: ``[first_block, frames_per_block, ...]`` (spec §1.5).
+
+    Raises a ``ValueError`` naming the values and the fix when ``num_frames`` does not fit the chunking.
+    """
+    first = frames_per_block if first_block is None else first_block
+    if frames_per_block < 1 or first < 1:
+        raise ValueError(
+            f"frames_per_block={frames_per_block} and first_block={first} must be >= 1 latent frames."
+        )
+    if num_frames < first or (num_frames - first) % frames_per_block != 0:
+        valid = [first + k * frames_per_block for k in range(0, 8)]
+        raise ValueError(
+            f"{num_frames} latent frames do not fit the chunking (first chunk {first}, then chunks of "
+            f"{frames_per_block}). Use a latent frame count in {valid}... "
+            f"(video frames = 4 * (latent - 1) + 1, e.g. 81 video frames = 21 latent frames)."
+        )
+    return [first] + [frames_per_block] * ((num_frames - first) // frames_per_block)
+
+
+@dataclass(frozen=True)
+class FrameLayout:
+    """An ordered list of segments plus the window rule. Hashable: masks are cached by layout."""
+
+    segments: tuple[Segment, ...]
+    causal: bool = True
+    local_attn_size: int = -1
+    sink_size: int = 0
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def bidirectional(cls, num_frames: int, frame_start: int = 0) -> "FrameLayout":
+        return cls((Segment(num_frames, frame_start, False, 0),), causal=False)
+
+    @classmethod
+    def block_causal(
+        cls,
+        num_frames: int,
+        frames_per_block: int,
+        first_block: int | None = None,
+        local_attn_size: int = -1,
+        sink_size: int = 0,
+    ) -> "FrameLayout":
+        """One clean segment per chunk: chunk c attends to chunks <= c (the streaming-equivalent full sequence)."""
+        segments, start = [], 0
+        for c, n in enumerate(chunk_sizes(num_frames, frames_per_block, first_block)):
+            segments.append(Segment(n, start, False, c))
+            start += n
+        return cls(tuple(segments), True, local_attn_size, sink_size)
+
+    @classmethod
+    def interleaved(
+        cls,
+        num_frames: int,
+        frames_per_block: int,
+        first_block: int | None = None,
+        local_attn_size: int = -1,
+        sink_size: int = 0,
+    ) -> "FrameLayout":
+        """The training-time-test sequence ``[z_1, x_1, ..., z_{N-1}, x_{N-1}, z_N]`` (spec §3.1).
+
+        Noisy and clean copies of chunk c share RoPE positions; the last chunk has no clean copy.
+        """
+        sizes = chunk_sizes(num_frames, frames_per_block, first_block)
+        segments, start = [], 0
+        for c, n in enumerate(sizes):
+            segments.append(Segment(n, start, True, c))
+            if c < len(sizes) - 1:
+                segments.append(Segment(n, start, False, c))
+            start += n
+        return cls(tuple(segments), True, local_attn_size, sink_size)
+
+    # ------------------------------------------------------------------ derived quantities
+    @property
+    def num_frames(self) -> int:
+        """Frames in the packed sequence (noisy and clean copies counted separately)."""
+        return sum(s.num_frames for s in self.segments)
+
+    def frame_positions(self) -> list[int]:
+        """RoPE temporal index of every sequence frame."""
+        return [s.frame_start + i for s in self.segments for i in range(s.num_frames)]
+
+    def noisy_frame_mask(self) -> list[bool]:
+        return [s.noisy for s in self.segments for _ in range(s.num_frames)]
+
+    def frame_segment_ids(self) -> list[int]:
+        return [j for j, s in enumerate(self.segments) for _ in range(s.num_frames)]
+
+    def _visible(self, q: Segment, k: Segment, k_frame: int) -> bool:
+        if q is k:
+            return True
+        if k.noisy:
+            return False
+        if k.chunk >= q.chunk:
+            return False
+        if self.local_attn_size > 0:
+            recent = self.local_attn_size - self.sink_size
+            return k_frame < self.sink_size or k_frame >= q.frame_end - recent
+        return True
+
+    def frame_mask(self) -> torch.Tensor | None:
+        """Bool ``[F_seq, F_seq]`` (True = query frame may attend to key frame), or ``None`` when not causal."""
+        if not self.causal:
+            return None
+        return _frame_mask(self)
+
+
+@functools.lru_cache(maxsize=64)
+def _frame_mask(layout: FrameLayout) -> torch.Tensor:
+    frames = [(s, s.frame_start + i) for s in layout.segments for i in range(s.num_frames)]
+    mask = torch.zeros(len(frames), len(frames), dtype=torch.bool)
+    for qi, (qs, _) in enumerate(frames):
+        for ki, (ks, kf) in enumerate(frames):
+            mask[qi, ki] = layout._visible(qs, ks, kf)
+    return mask
+
+
+def validate_window(local_attn_size: int, sink_size: int, frames_per_block: int) -> None:
+    """Check the LongLive-style window: it must hold the sink and at least one whole chunk."""
+    if sink_size < 0:
+        raise ValueError(f"sink_size={sink_size} must be >= 0 latent frames.")
+    if local_attn_size == -1:
+        return
+    if local_attn_size < sink_size + frames_per_block:
+        raise ValueError(
+            f"local_attn_size={local_attn_size} latent frames cannot hold sink_size={sink_size} plus one chunk of "
+            f"{frames_per_block} frames; use local_attn_size >= {sink_size + frames_per_block} or -1 (unlimited)."
+        )
+
+
+@functools.lru_cache(maxsize=16)
+def sdpa_token_mask(layout: FrameLayout, tokens_per_frame: int, device: torch.device) -> torch.Tensor | None:
+    """Dense bool ``[L, L]`` token mask for ``scaled_dot_product_attention`` (True = attend). CPU / fallback path."""
+    fm = layout.frame_mask()
+    if fm is None:
+        return None
+    return fm.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1).to(device)
+
+
+@functools.lru_cache(maxsize=16)
+def flex_block_mask(layout: FrameLayout, tokens_per_frame: int, device: torch.device):
+    """flex-attention ``BlockMask`` for the layout (GPU training path), built eagerly outside compiled code."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    fm = layout.frame_mask()
+    if fm is None:
+        return None
+    frame_mask = fm.to(device)
+    tpf = tokens_per_frame
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return frame_mask[q_idx // tpf, kv_idx // tpf]
+
+    length = layout.num_frames * tpf
+    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=length, KV_LEN=length, device=device)

@@ -1,0 +1,504 @@
+"""Causal Wan2.1 transformer: one class for the RAVEN student, the critic and the teacher (DESIGN invariant 1).
+
+``CausalWanTransformer3DModel`` subclasses diffusers' ``WanTransformer3DModel`` and adds no parameter, so every
+Wan2.1 T2V diffusers checkpoint loads with identical keys. Causality is only an attention pattern, a RoPE frame
+offset and per-frame timesteps (spec §2):
+
+============================  =====================================================================================
+mode                          call
+============================  =====================================================================================
+bidirectional (teacher/critic) ``model(x, t, text)`` -- numerically identical to ``WanTransformer3DModel``
+block-causal full sequence    ``model(x, t_per_frame, text, causal=True)``
+streaming (KV cache)          ``model(chunk, t, text, kv_cache=cache, frame_offset=f0, update_cache=...)``
+training-time test            ``model.forward_interleaved(noisy, clean, t, text)`` -- ``[z1, x1, ..., zN]`` (§3)
+============================  =====================================================================================
+
+Masks, caches and offsets are forward arguments handed to every block explicitly (DESIGN invariant 4): attention
+processors hold no mutable state, so activation checkpointing and ``torch.compile`` can re-run blocks safely.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers.configuration_utils import register_to_config
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (diffusers' loader looks it up by name here)
+from diffusers.models.transformers.transformer_wan import (
+    WanAttention,
+    WanTransformer3DModel,
+    WanTransformerBlock,
+    _get_qkv_projections,
+)
+from diffusers.utils import apply_lora_scale
+
+from .attention_layout import FrameLayout, chunk_sizes, flex_block_mask, sdpa_token_mask, validate_window
+from .kv_cache import KVCacheLayer, WanKVCache
+
+_compiled_flex_attention = None
+
+
+def _flex_attention(query, key, value, block_mask):
+    """flex attention on ``[B, L, H, D]`` tensors; compiled once (eager flex materialises the full score matrix)."""
+    global _compiled_flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if _compiled_flex_attention is None:
+        _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
+    fn = _compiled_flex_attention if query.is_cuda else flex_attention
+    out = fn(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), block_mask=block_mask)
+    return out.transpose(1, 2)
+
+
+def _apply_rotary_emb(hidden_states: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
+    """Wan's interleaved-pair RoPE (same arithmetic as diffusers' ``WanAttnProcessor``)."""
+    x1, x2 = hidden_states.unflatten(-1, (-1, 2)).unbind(-1)
+    cos = freqs_cos[..., 0::2]
+    sin = freqs_sin[..., 1::2]
+    out = torch.empty_like(hidden_states)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(hidden_states)
+
+
+class CausalWanAttnProcessor:
+    """Stateless attention processor for both attentions of a :class:`CausalWanTransformerBlock`.
+
+    Self-attention: optional dense bool mask (SDPA, CPU) or flex ``BlockMask`` (GPU), optional KV cache layer
+    (keys/values of visible history are prepended; the current chunk's post-RoPE K/V are written afterwards).
+    Cross-attention: text K/V come from the cache layer when present (computed once per prompt).
+    ``_attention_backend`` is configuration (``model.set_attention_backend``), not per-call state.
+    """
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __call__(
+        self,
+        attn: WanAttention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: Any = None,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        kv_cache: KVCacheLayer | None = None,
+        update_cache: bool = False,
+    ) -> torch.Tensor:
+        if attn.is_cross_attention:
+            return self._cross_attention(attn, hidden_states, encoder_hidden_states, kv_cache)
+
+        query, key, value = _get_qkv_projections(attn, hidden_states, None)
+        query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
+        key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+        if rotary_emb is not None:
+            query = _apply_rotary_emb(query, *rotary_emb)
+            key = _apply_rotary_emb(key, *rotary_emb)
+
+        full_key, full_value = (key, value) if kv_cache is None else kv_cache.extend(key, value)
+        if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+            out = _flex_attention(query, full_key, full_value, attention_mask)
+        else:
+            out = dispatch_attention_fn(
+                query, full_key, full_value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
+                backend=self._attention_backend,
+            )
+        if kv_cache is not None and update_cache:
+            kv_cache.write(key, value)
+        out = out.flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
+
+    def _cross_attention(self, attn, hidden_states, encoder_hidden_states, kv_cache):
+        query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
+        key, value = kv_cache.text() if kv_cache is not None else (None, None)
+        if key is None:
+            if encoder_hidden_states is None:
+                raise ValueError("encoder_hidden_states is required until the KV cache holds the text K/V.")
+            key = attn.norm_k(attn.to_k(encoder_hidden_states)).unflatten(2, (attn.heads, -1))
+            value = attn.to_v(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+            if kv_cache is not None:
+                kv_cache.set_text(key, value)
+        out = dispatch_attention_fn(
+            query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, backend=self._attention_backend
+        )
+        out = out.flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+class CausalWanTransformerBlock(WanTransformerBlock):
+    """A ``WanTransformerBlock`` (same parameters) whose forward takes per-frame modulation, an explicit attention
+    mask and an explicit KV cache layer.
+
+    ``temb``: ``[B, F_mod, 6, D]``; ``F_mod`` is 1 (one timestep per sample) or the number of sequence frames
+    (per-frame timesteps), broadcast over the ``L // F_mod`` tokens of each frame.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.attn1.set_processor(CausalWanAttnProcessor())
+        self.attn2.set_processor(CausalWanAttnProcessor())
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None,
+        temb: torch.Tensor,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: Any = None,
+        kv_cache: KVCacheLayer | None = None,
+        update_cache: bool = False,
+    ) -> torch.Tensor:
+        batch, length, dim = hidden_states.shape
+        frames = temb.shape[1]
+        mod = (self.scale_shift_table.unsqueeze(0) + temb.float()).unsqueeze(3)  # [B, F_mod, 6, 1, D]
+        shift_msa, scale_msa, gate_msa, c_shift_msa, c_scale_msa, c_gate_msa = mod.unbind(2)  # [B, F_mod, 1, D]
+
+        def per_frame(x):  # [B, L, D] -> [B, F_mod, L / F_mod, D]
+            return x.view(batch, frames, length // frames, dim)
+
+        # 1. Self-attention
+        norm = (per_frame(self.norm1(hidden_states.float())) * (1 + scale_msa) + shift_msa).view(batch, length, dim)
+        attn_output = self.attn1(
+            norm.type_as(hidden_states), None, attention_mask, rotary_emb, kv_cache=kv_cache, update_cache=update_cache
+        )
+        dtype = hidden_states.dtype
+        hidden_states = (per_frame(hidden_states.float()) + per_frame(attn_output) * gate_msa).view(batch, length, dim)
+        hidden_states = hidden_states.to(dtype)
+
+        # 2. Cross-attention
+        norm = self.norm2(hidden_states.float()).type_as(hidden_states)
+        hidden_states = hidden_states + self.attn2(norm, encoder_hidden_states, None, None, kv_cache=kv_cache)
+
+        # 3. Feed-forward
+        norm = (per_frame(self.norm3(hidden_states.float())) * (1 + c_scale_msa) + c_shift_msa).view(batch, length, dim)
+        ff_output = self.ffn(norm.type_as(hidden_states))
+        out = per_frame(hidden_states.float()) + per_frame(ff_output.float()) * c_gate_msa
+        return out.view(batch, length, dim).type_as(hidden_states)
+
+
+class CausalWanTransformer3DModel(WanTransformer3DModel):
+    r"""Wan2.1 transformer with block-causal, KV-cached streaming and training-time-test forward modes.
+
+    Same parameters (and parameter names) as diffusers' ``WanTransformer3DModel``; the extra config keys only describe
+    the chunking and the attention window.
+
+    Args:
+        num_frames_per_block (`int`, defaults to 3): latent frames per chunk (spec §1.5).
+        num_frames_first_block (`int`, *optional*): latent frames of the first chunk; ``None`` = ``num_frames_per_block``.
+        local_attn_size (`int`, defaults to -1): attention window in latent frames, including the current chunk and the
+            sink (-1 = unlimited history). For streams longer than training; RoPE positions stop at
+            ``rope_max_seq_len`` (1024 latent frames ~ 4 min 16 s at 16 fps) -- raise it at load time for longer.
+        sink_size (`int`, defaults to 0): first latent frames that stay visible forever (attention sink).
+        Other arguments: see ``WanTransformer3DModel``.
+    """
+
+    _no_split_modules = ["CausalWanTransformerBlock"]
+    _repeated_blocks = ["CausalWanTransformerBlock"]
+    _cp_plan = None  # context parallel would split our explicit per-frame inputs; not supported
+
+    @register_to_config
+    def __init__(
+        self,
+        patch_size: tuple[int, ...] = (1, 2, 2),
+        num_attention_heads: int = 40,
+        attention_head_dim: int = 128,
+        in_channels: int = 16,
+        out_channels: int = 16,
+        text_dim: int = 4096,
+        freq_dim: int = 256,
+        ffn_dim: int = 13824,
+        num_layers: int = 40,
+        cross_attn_norm: bool = True,
+        qk_norm: str | None = "rms_norm_across_heads",
+        eps: float = 1e-6,
+        image_dim: int | None = None,
+        added_kv_proj_dim: int | None = None,
+        rope_max_seq_len: int = 1024,
+        pos_embed_seq_len: int | None = None,
+        num_frames_per_block: int = 3,
+        num_frames_first_block: int | None = None,
+        local_attn_size: int = -1,
+        sink_size: int = 0,
+    ) -> None:
+        super().__init__(
+            patch_size=patch_size, num_attention_heads=num_attention_heads, attention_head_dim=attention_head_dim,
+            in_channels=in_channels, out_channels=out_channels, text_dim=text_dim, freq_dim=freq_dim, ffn_dim=ffn_dim,
+            num_layers=0, cross_attn_norm=cross_attn_norm, qk_norm=qk_norm, eps=eps, image_dim=image_dim,
+            added_kv_proj_dim=added_kv_proj_dim, rope_max_seq_len=rope_max_seq_len, pos_embed_seq_len=pos_embed_seq_len,
+        )
+        if image_dim is not None or added_kv_proj_dim is not None:
+            raise ValueError("CausalWanTransformer3DModel supports text-to-video Wan only (image_dim/added_kv_proj_dim).")
+        if tuple(patch_size)[0] != 1:
+            raise ValueError(f"patch_size={patch_size}: the causal model needs a temporal patch of 1 (Wan2.1).")
+        validate_window(local_attn_size, sink_size, num_frames_per_block)
+        # The parent's own @register_to_config recorded num_layers=0: restore the real value.
+        self.register_to_config(num_layers=num_layers)
+        inner_dim = num_attention_heads * attention_head_dim
+        # The parent built zero blocks (num_layers=0 above); the config keeps the real num_layers.
+        self.blocks = nn.ModuleList(
+            [
+                CausalWanTransformerBlock(
+                    inner_dim, ffn_dim, num_attention_heads, qk_norm, cross_attn_norm, eps, added_kv_proj_dim
+                )
+                for _ in range(num_layers)
+            ]
+        )
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def tokens_per_frame_for(self):
+        """``(height, width) -> tokens per latent frame`` for this patch size."""
+        _, p_h, p_w = self.config.patch_size
+        return lambda height, width: (height // p_h) * (width // p_w)
+
+    def chunk_sizes(self, num_frames: int) -> list[int]:
+        """Latent frames per chunk for a video of ``num_frames`` latent frames (validates the fit)."""
+        return chunk_sizes(num_frames, self.config.num_frames_per_block, self.config.num_frames_first_block)
+
+    def new_kv_cache(
+        self,
+        batch_size: int,
+        latent_height: int,
+        latent_width: int,
+        max_frames: int | None = None,
+        local_attn_size: int | None = None,
+        sink_size: int | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> WanKVCache:
+        """Allocate a :class:`WanKVCache` for streaming ``batch_size`` videos at the given latent size."""
+        cfg = self.config
+        local = cfg.local_attn_size if local_attn_size is None else local_attn_size
+        sink = cfg.sink_size if sink_size is None else sink_size
+        validate_window(local, sink, cfg.num_frames_per_block)
+        return WanKVCache(
+            num_layers=cfg.num_layers,
+            num_heads=cfg.num_attention_heads,
+            head_dim=cfg.attention_head_dim,
+            batch_size=batch_size,
+            tokens_per_frame=self.tokens_per_frame_for(latent_height, latent_width),
+            max_frames=max_frames,
+            local_attn_size=local,
+            sink_size=sink,
+            frames_per_block=cfg.num_frames_per_block,
+            dtype=dtype or self.dtype,
+            device=device or self.device,
+        )
+
+    def _rotary(self, positions: list[int], pph: int, ppw: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE tables ``[1, F*pph*ppw, 1, head_dim]`` for arbitrary temporal positions (spec §2: frame offsets)."""
+        rope = self.rope
+        if max(positions) >= rope.max_seq_len:
+            raise ValueError(
+                f"latent frame position {max(positions)} exceeds rope_max_seq_len={rope.max_seq_len} "
+                f"(~{rope.max_seq_len * 4 / 16:.0f} s at 16 fps). Load the model with a larger `rope_max_seq_len` "
+                "(e.g. from_pretrained(..., rope_max_seq_len=4096)) or shorten the stream."
+            )
+        index = torch.tensor(positions, device=rope.freqs_cos.device)
+        sizes = [rope.t_dim, rope.h_dim, rope.w_dim]
+        tables = []
+        for freqs in (rope.freqs_cos, rope.freqs_sin):
+            f_t, f_h, f_w = freqs.split(sizes, dim=1)
+            nf = len(positions)
+            f_t = f_t[index].view(nf, 1, 1, -1).expand(nf, pph, ppw, -1)
+            f_h = f_h[:pph].view(1, pph, 1, -1).expand(nf, pph, ppw, -1)
+            f_w = f_w[:ppw].view(1, 1, ppw, -1).expand(nf, pph, ppw, -1)
+            tables.append(torch.cat([f_t, f_h, f_w], dim=-1).reshape(1, nf * pph * ppw, 1, -1).to(device))
+        return tables[0], tables[1]
+
+    def _embed_timesteps(self, timestep: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``timestep`` ``[B]`` or ``[B, F]`` -> ``temb`` ``[B, F_mod, D]`` and ``timestep_proj`` ``[B, F_mod, 6, D]``."""
+        emb = self.condition_embedder
+        batch = timestep.shape[0]
+        t = emb.timesteps_proj(timestep.flatten())
+        t_dtype = next(iter(emb.time_embedder.parameters())).dtype
+        if t.dtype != t_dtype and t_dtype != torch.int8:
+            t = t.to(t_dtype)
+        temb = emb.time_embedder(t).to(dtype)
+        proj = emb.time_proj(emb.act_fn(temb))
+        return temb.view(batch, -1, temb.shape[-1]), proj.view(batch, -1, 6, temb.shape[-1])
+
+    def _run_blocks(self, hidden_states, text, timestep_proj, rotary_emb, attention_mask, kv_cache, plan, update):
+        checkpoint = torch.is_grad_enabled() and self.gradient_checkpointing
+        for i, block in enumerate(self.blocks):
+            layer = kv_cache.layer(i, plan) if kv_cache is not None else None
+            args = (hidden_states, text, timestep_proj, rotary_emb, attention_mask, layer, update)
+            hidden_states = self._gradient_checkpointing_func(block, *args) if checkpoint else block(*args)
+        return hidden_states
+
+    def _head(self, hidden_states: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        batch, length, dim = hidden_states.shape
+        frames = temb.shape[1]
+        shift, scale = (self.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).unsqueeze(3).unbind(2)
+        x = self.norm_out(hidden_states.float()).view(batch, frames, length // frames, dim)
+        x = (x * (1 + scale) + shift).view(batch, length, dim).type_as(hidden_states)
+        return self.proj_out(x)
+
+    def _unpatchify(self, x: torch.Tensor, frames: int, pph: int, ppw: int) -> torch.Tensor:
+        p_t, p_h, p_w = self.config.patch_size
+        x = x.reshape(x.shape[0], frames, pph, ppw, p_t, p_h, p_w, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return x.flatten(6, 7).flatten(4, 5).flatten(2, 3)
+
+    def _mask(self, layout: FrameLayout, tokens_per_frame: int, device, mask_backend: str):
+        if not layout.causal:
+            return None
+        if mask_backend == "auto":
+            mask_backend = "flex" if torch.device(device).type == "cuda" else "sdpa"
+        if mask_backend == "flex":
+            return flex_block_mask(layout, tokens_per_frame, torch.device(device))
+        if mask_backend == "sdpa":
+            return sdpa_token_mask(layout, tokens_per_frame, torch.device(device))
+        raise ValueError(f"mask_backend={mask_backend!r}; use 'auto', 'flex' or 'sdpa'.")
+
+    def _forward_frames(
+        self,
+        latents: torch.Tensor,
+        frame_timesteps: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None,
+        positions: list[int],
+        attention_mask: Any = None,
+        kv_cache: WanKVCache | None = None,
+        update_cache: bool = False,
+    ) -> torch.Tensor:
+        """Core forward over a packed sequence of latent frames.
+
+        Args:
+            latents: ``[B, C, F_seq, H, W]``, the sequence frames in order.
+            frame_timesteps: ``[B]`` (one per sample) or ``[B, F_seq]`` (per frame).
+            encoder_hidden_states: ``[B, 512, text_dim]`` or ``None`` when ``kv_cache`` holds the text K/V.
+            positions: RoPE temporal index of each sequence frame.
+        Returns ``[B, C_out, F_seq, H, W]``.
+        """
+        batch, _, frames, height, width = latents.shape
+        _, p_h, p_w = self.config.patch_size
+        pph, ppw = height // p_h, width // p_w
+        rotary_emb = self._rotary(positions, pph, ppw, latents.device)
+        hidden_states = self.patch_embedding(latents).flatten(2).transpose(1, 2).contiguous()
+        temb, timestep_proj = self._embed_timesteps(frame_timesteps, hidden_states.dtype)
+        text = None
+        if kv_cache is None or not kv_cache.has_text:
+            if encoder_hidden_states is None:
+                raise ValueError("encoder_hidden_states is required (the KV cache holds no text K/V yet).")
+            text = self.condition_embedder.text_embedder(encoder_hidden_states)
+        plan = kv_cache.plan(positions[0], frames, update_cache) if kv_cache is not None else None
+        hidden_states = self._run_blocks(
+            hidden_states, text, timestep_proj, rotary_emb, attention_mask, kv_cache, plan, update_cache
+        )
+        if kv_cache is not None and update_cache:
+            kv_cache.commit(positions[0], frames)
+        return self._unpatchify(self._head(hidden_states, temb), frames, pph, ppw)
+
+    # ------------------------------------------------------------------ public forward modes
+    @apply_lora_scale("attention_kwargs")
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_hidden_states_image: torch.Tensor | None = None,
+        return_dict: bool = True,
+        attention_kwargs: dict[str, Any] | None = None,
+        *,
+        causal: bool = False,
+        frame_offset: int = 0,
+        kv_cache: WanKVCache | None = None,
+        update_cache: bool = False,
+        mask_backend: str = "auto",
+    ) -> torch.Tensor | Transformer2DModelOutput:
+        r"""Bidirectional, block-causal or KV-cached streaming forward.
+
+        Args:
+            hidden_states (`torch.Tensor` of shape `(B, C, F, H, W)`): noisy latents (a whole video, or one chunk when
+                streaming).
+            timestep (`torch.Tensor` of shape `(B,)` or `(B, F)`): diffusion timestep in [0, 1000], per sample or per
+                latent frame.
+            encoder_hidden_states (`torch.Tensor` of shape `(B, 512, text_dim)`): UMT5 embeddings. May be `None` when
+                streaming once `kv_cache` holds the text K/V.
+            causal (`bool`): block-causal attention over the chunks of ``config.num_frames_per_block`` frames (first
+                chunk ``config.num_frames_first_block``), honouring ``local_attn_size`` / ``sink_size``.
+            frame_offset (`int`): RoPE temporal index of the first frame (streaming: the chunk's first frame).
+            kv_cache (`WanKVCache`): streaming mode; the chunk attends to the visible cached history + itself.
+            update_cache (`bool`): write this chunk's K/V into the cache (the clean-endpoint pass at t=0, spec §2).
+            mask_backend (`str`): ``"auto"`` (flex on CUDA, SDPA bool mask otherwise), ``"flex"`` or ``"sdpa"``.
+
+        Returns:
+            `Transformer2DModelOutput` with `sample` of shape `(B, C, F, H, W)` (flow velocity), or a tuple.
+        """
+        if encoder_hidden_states_image is not None:
+            raise ValueError("encoder_hidden_states_image is not supported: CausalWanTransformer3DModel is text-to-video.")
+        if kv_cache is not None and causal:
+            raise ValueError("Pass either kv_cache (streaming, one chunk) or causal=True (full sequence), not both.")
+        if update_cache and kv_cache is None:
+            raise ValueError("update_cache=True needs a kv_cache (see CausalWanTransformer3DModel.new_kv_cache).")
+        frames = hidden_states.shape[2]
+        positions = list(range(frame_offset, frame_offset + frames))
+        mask = None
+        if causal:
+            cfg = self.config
+            layout = FrameLayout.block_causal(
+                frames, cfg.num_frames_per_block, cfg.num_frames_first_block, cfg.local_attn_size, cfg.sink_size
+            )
+            mask = self._mask(layout, self.tokens_per_frame_for(*hidden_states.shape[3:]), hidden_states.device,
+                              mask_backend)
+        if timestep.ndim == 0:
+            timestep = timestep.expand(hidden_states.shape[0])
+        output = self._forward_frames(
+            hidden_states, timestep, encoder_hidden_states, positions, mask, kv_cache, update_cache
+        )
+        if not return_dict:
+            return (output,)
+        return Transformer2DModelOutput(sample=output)
+
+    @apply_lora_scale("attention_kwargs")
+    def forward_interleaved(
+        self,
+        noisy_latents: torch.Tensor,
+        clean_latents: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        attention_kwargs: dict[str, Any] | None = None,
+        mask_backend: str = "auto",
+    ) -> torch.Tensor:
+        r"""Training-time-test forward on ``[z_1, x_1, z_2, x_2, ..., z_N]`` (spec §3.1–3.3).
+
+        Args:
+            noisy_latents (`torch.Tensor` of shape `(B, C, F, H, W)`): the noisy state of every chunk (``z_c^u``).
+            clean_latents (`torch.Tensor` of shape `(B, C, F, H, W)`): the clean endpoints ``x_c`` (the last chunk's
+                frames are ignored: nobody attends to them).
+            timestep (`torch.Tensor` of shape `(B,)`): the sampling time ``u`` shared by every noisy chunk of a sample;
+                clean tokens get t=0.
+            encoder_hidden_states (`torch.Tensor` of shape `(B, 512, text_dim)`).
+
+        Returns:
+            `torch.Tensor` of shape `(B, C, F, H, W)`: the flow prediction for the noisy chunks, in video order. With
+            gradients enabled, later-chunk losses reach the clean copies' activations (spec §3.5).
+        """
+        if noisy_latents.shape != clean_latents.shape:
+            raise ValueError(
+                f"noisy_latents {tuple(noisy_latents.shape)} and clean_latents {tuple(clean_latents.shape)} must match."
+            )
+        if timestep.ndim != 1 or timestep.shape[0] != noisy_latents.shape[0]:
+            raise ValueError(f"timestep must have shape (B,)={noisy_latents.shape[:1]}, got {tuple(timestep.shape)}.")
+        cfg = self.config
+        frames = noisy_latents.shape[2]
+        layout = FrameLayout.interleaved(
+            frames, cfg.num_frames_per_block, cfg.num_frames_first_block, cfg.local_attn_size, cfg.sink_size
+        )
+        pieces, noisy_index, offset = [], [], 0
+        for seg in layout.segments:
+            source = noisy_latents if seg.noisy else clean_latents
+            pieces.append(source[:, :, seg.frame_start : seg.frame_end])
+            if seg.noisy:
+                noisy_index.extend(range(offset, offset + seg.num_frames))
+            offset += seg.num_frames
+        sequence = torch.cat(pieces, dim=2)
+        noisy = torch.tensor(layout.noisy_frame_mask(), device=timestep.device)
+        frame_timesteps = torch.where(noisy[None, :], timestep[:, None], torch.zeros_like(timestep)[:, None])
+        mask = self._mask(layout, self.tokens_per_frame_for(*noisy_latents.shape[3:]), noisy_latents.device,
+                          mask_backend)
+        out = self._forward_frames(sequence, frame_timesteps, encoder_hidden_states, layout.frame_positions(), mask)
+        return out[:, :, torch.tensor(noisy_index, device=out.device)]
