@@ -1,0 +1,402 @@
+"""``CausalWanPipeline``: chunk-by-chunk, KV-cached text-to-video with a few-step consistency sampler.
+
+Spec Appendix B.1: encode the prompt once; draw one full-length noise tensor; for every chunk run the 4 consistency
+steps ``t = [1000, 938, 833, 625]`` (``FlowMatchLCMScheduler``, shift 5: ``x0 = z - sigma v``, then
+``z' = (1 - sigma') x0 + sigma' eps``), then one cache pass of the clean endpoint at t=0 that writes the chunk's K/V;
+decode each chunk as it arrives with a streaming VAE decoder that is bit-exact with one-shot decoding.
+
+``__call__`` returns the whole video like ``WanPipeline``; :meth:`CausalWanPipeline.stream` yields decoded frames
+chunk by chunk (their concatenation equals ``__call__``), with optional prompt switches and a LongLive-style local
+window + attention sink for streams longer than the training length.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKLWan, DiffusionPipeline, FlowMatchLCMScheduler
+from diffusers.loaders import WanLoraLoaderMixin
+from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
+from diffusers.pipelines.wan.pipeline_wan import WanPipeline
+from diffusers.utils import logging
+from diffusers.utils.torch_utils import randn_tensor
+from diffusers.video_processor import VideoProcessor
+from transformers import AutoTokenizer, UMT5EncoderModel
+
+from ..models.transformer_causal_wan import CausalWanTransformer3DModel
+from . import hub
+from .vae_streaming import StreamingWanDecoder
+
+logger = logging.get_logger(__name__)
+
+DEFAULT_DENOISING_TIMESTEPS = (1000, 938, 833, 625)
+
+
+@dataclass
+class StreamChunk:
+    """One chunk of a stream.
+
+    Attributes:
+        index: chunk index (0-based).
+        frames: decoded frames of this chunk, in the ``output_type`` format (``np``: ``[B, F, H, W, 3]`` in [0, 1];
+            ``pt``: ``[B, F, 3, H, W]``; ``latent``: ``None``).
+        latents: the chunk's clean latents ``[B, 16, f, h, w]`` (normalised, as produced by the transformer).
+        frame_start: index of the chunk's first pixel frame in the video.
+        prompt: the prompt(s) in force for this chunk.
+        seconds: wall time spent on this chunk (denoising + cache pass + decode).
+    """
+
+    index: int
+    frames: np.ndarray | torch.Tensor | None
+    latents: torch.Tensor
+    frame_start: int
+    prompt: list[str] | None
+    seconds: float = 0.0
+    trajectory: list[torch.Tensor] = field(default_factory=list)
+
+
+def consistency_scheduler_sigmas(timesteps, shift: float, num_train_timesteps: int = 1000) -> list[float]:
+    """Unshifted sigmas that ``FlowMatchLCMScheduler(shift=...)`` maps onto ``timesteps / num_train_timesteps``."""
+    out = []
+    for t in timesteps:
+        s = float(t) / num_train_timesteps
+        out.append(s / (shift - (shift - 1.0) * s))
+    return out
+
+
+class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
+    r"""Streaming text-to-video with a causal, few-step, KV-cached Wan2.1 transformer (RAVEN).
+
+    Args:
+        tokenizer (`T5TokenizerFast` / `PreTrainedTokenizerFast`), text_encoder (`UMT5EncoderModel`),
+        vae (`AutoencoderKLWan`), scheduler (`FlowMatchLCMScheduler`, shift 5),
+        transformer (`CausalWanTransformer3DModel`).
+        denoising_timesteps (`list[int]`, defaults to `[1000, 938, 833, 625]`): the few-step list (spec §1.3).
+        fps (`int`, defaults to 16): frame rate of the generated video (metadata for writers).
+    """
+
+    model_cpu_offload_seq = "text_encoder->transformer->vae"
+    _callback_tensor_inputs = ["latents"]
+
+    def __init__(
+        self,
+        tokenizer: AutoTokenizer,
+        text_encoder: UMT5EncoderModel,
+        vae: AutoencoderKLWan,
+        scheduler: FlowMatchLCMScheduler,
+        transformer: CausalWanTransformer3DModel,
+        denoising_timesteps: list[int] | tuple[int, ...] = DEFAULT_DENOISING_TIMESTEPS,
+        fps: int = 16,
+    ):
+        super().__init__()
+        self.register_modules(
+            tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer
+        )
+        timesteps = [int(t) for t in denoising_timesteps]
+        if not timesteps or any(a <= b for a, b in zip(timesteps, timesteps[1:])) or timesteps[-1] <= 0:
+            raise ValueError(
+                f"denoising_timesteps={timesteps} must be strictly decreasing positive integers, e.g. [1000, 938, 833, 625]."
+            )
+        self.register_to_config(denoising_timesteps=timesteps, fps=int(fps))
+        self.vae_scale_factor_temporal = vae.config.scale_factor_temporal if vae is not None else 4
+        self.vae_scale_factor_spatial = vae.config.scale_factor_spatial if vae is not None else 8
+        self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
+
+    # ------------------------------------------------------------------ prompts
+    def encode_prompt(self, *args, **kwargs):
+        """UMT5 embeddings zero-padded to ``max_sequence_length`` (``WanPipeline.encode_prompt``, reused as is)."""
+        return WanPipeline.encode_prompt(self, *args, **kwargs)
+
+    def _get_t5_prompt_embeds(self, *args, **kwargs):
+        return WanPipeline._get_t5_prompt_embeds(self, *args, **kwargs)
+
+    # ------------------------------------------------------------------ validation
+    def check_inputs(self, prompt, negative_prompt, num_frames, height, width, prompt_embeds, guidance_scale,
+                     local_attn_size=None, sink_size=None, prompt_schedule=None):
+        """Validate everything that can fail before any heavy work; errors name the value and the fix."""
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("Provide a `prompt` (or `prompt_embeds`); got neither.")
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("Pass either `prompt` or `prompt_embeds`, not both.")
+        if prompt is not None:
+            prompts = [prompt] if isinstance(prompt, str) else prompt
+            if not isinstance(prompts, (list, tuple)) or not prompts:
+                raise ValueError(f"prompt={prompt!r}: pass a non-empty string or a non-empty list of strings.")
+            for p in prompts:
+                if not isinstance(p, str) or not p.strip():
+                    raise ValueError(f"prompt={p!r} is empty: every prompt must be a non-empty string.")
+        if negative_prompt is not None and not isinstance(negative_prompt, (str, list, tuple)):
+            raise ValueError(f"negative_prompt must be a string or a list of strings, got {type(negative_prompt)}.")
+        if not isinstance(num_frames, int) or num_frames < 1 or (num_frames - 1) % self.vae_scale_factor_temporal:
+            k = max((int(num_frames) - 1) // self.vae_scale_factor_temporal, 0) if isinstance(num_frames, int) else 20
+            lo, hi = k * self.vae_scale_factor_temporal + 1, (k + 1) * self.vae_scale_factor_temporal + 1
+            raise ValueError(f"num_frames={num_frames} is not of the form 4k+1; use {lo} or {hi} (e.g. 81).")
+        latent_frames = self.latent_frames(num_frames)
+        self.transformer.chunk_sizes(latent_frames)  # raises with the fix if the chunking does not fit
+        multiple = self.vae_scale_factor_spatial * self.transformer.config.patch_size[1]
+        for name, value in (("height", height), ("width", width)):
+            if not isinstance(value, int) or value <= 0 or value % multiple:
+                fixed = max(multiple, round(int(value) / multiple) * multiple) if isinstance(value, int) else 480
+                raise ValueError(f"{name}={value} must be a positive multiple of {multiple}; e.g. {fixed}.")
+        if guidance_scale < 1.0:
+            raise ValueError(f"guidance_scale={guidance_scale} must be >= 1 (1 = unguided, the released setting).")
+        rope_len = self.transformer.config.rope_max_seq_len
+        if latent_frames > rope_len:
+            raise ValueError(
+                f"num_frames={num_frames} needs {latent_frames} latent frames, beyond the RoPE table of {rope_len} "
+                "latent frames. Load the transformer with a larger `rope_max_seq_len` or generate fewer frames."
+            )
+        if local_attn_size is not None or sink_size is not None:
+            from ..models.attention_layout import validate_window
+
+            cfg = self.transformer.config
+            validate_window(
+                cfg.local_attn_size if local_attn_size is None else local_attn_size,
+                cfg.sink_size if sink_size is None else sink_size,
+                cfg.num_frames_per_block,
+            )
+        if prompt_schedule:
+            num_chunks = len(self.transformer.chunk_sizes(latent_frames))
+            for chunk, text in prompt_schedule.items():
+                if not isinstance(chunk, int) or not 0 < chunk < num_chunks:
+                    raise ValueError(
+                        f"prompt_schedule key {chunk!r} must be a chunk index in [1, {num_chunks - 1}] "
+                        "(chunk 0 uses `prompt`)."
+                    )
+                if not isinstance(text, str) or not text.strip():
+                    raise ValueError(f"prompt_schedule[{chunk}]={text!r} must be a non-empty string.")
+
+    def latent_frames(self, num_frames: int) -> int:
+        return (num_frames - 1) // self.vae_scale_factor_temporal + 1
+
+    # ------------------------------------------------------------------ sampling helpers
+    def _set_scheduler(self, device) -> torch.Tensor:
+        """Reset the scheduler to the consistency list; returns the model timesteps (exact integers, spec §1.3)."""
+        shift = self.scheduler.config.shift
+        self.scheduler.set_timesteps(
+            sigmas=consistency_scheduler_sigmas(self.config.denoising_timesteps, shift), device=device
+        )
+        self.scheduler.set_begin_index(0)
+        return torch.tensor(self.config.denoising_timesteps, dtype=torch.float32, device=device)
+
+    def _predict(self, latents, t, text, cache, frame_offset, guidance_scale):
+        """Flow prediction for one chunk; CFG as ``neg + w (pos - neg)`` (spec §10.12) on a ``[neg; pos]`` batch."""
+        model_in = torch.cat([latents, latents]) if guidance_scale > 1.0 else latents
+        timestep = t.expand(model_in.shape[0]).to(self.transformer.dtype)
+        v = self.transformer(
+            model_in.to(self.transformer.dtype), timestep, text, kv_cache=cache, frame_offset=frame_offset
+        ).sample
+        if guidance_scale > 1.0:
+            v_neg, v_pos = v.chunk(2)
+            v = v_neg + guidance_scale * (v_pos - v_neg)
+        return v
+
+    def _cache_pass(self, clean, text, cache, frame_offset, guidance_scale):
+        model_in = torch.cat([clean, clean]) if guidance_scale > 1.0 else clean
+        zero = torch.zeros(model_in.shape[0], dtype=self.transformer.dtype, device=clean.device)
+        self.transformer(
+            model_in.to(self.transformer.dtype), zero, text, kv_cache=cache, frame_offset=frame_offset,
+            update_cache=True,
+        )
+
+    def _encode(self, prompt, negative_prompt, guidance_scale, num_videos_per_prompt, max_sequence_length, device):
+        pos, neg = self.encode_prompt(
+            prompt=prompt, negative_prompt=negative_prompt, do_classifier_free_guidance=guidance_scale > 1.0,
+            num_videos_per_prompt=num_videos_per_prompt, max_sequence_length=max_sequence_length, device=device,
+        )
+        text = torch.cat([neg, pos]) if guidance_scale > 1.0 else pos
+        return text.to(self.transformer.dtype)
+
+    def _recache(self, cache, history, text, guidance_scale):
+        """Re-run the cache pass over every cached frame with the new text (LongLive prompt-switch re-cache)."""
+        frames = cache.cached_frames()
+        if not frames:
+            return
+        sizes = self.transformer.chunk_sizes(history.shape[2]) if history.shape[2] else []
+        bounds, start = [], 0
+        for n in sizes:
+            bounds.append((start, start + n))
+            start += n
+        runs = []
+        for a, b in bounds:
+            piece = [f for f in frames if a <= f < b]
+            if piece:
+                runs.append((piece[0], piece[-1] + 1))
+        for a, b in runs:
+            self._cache_pass(history[:, :, a:b], text, cache, a, guidance_scale)
+
+    # ------------------------------------------------------------------ the chunk loop
+    @torch.no_grad()
+    def stream(
+        self,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        num_frames: int = 81,
+        height: int = 480,
+        width: int = 832,
+        guidance_scale: float = 1.0,
+        num_videos_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "np",
+        max_sequence_length: int = 512,
+        prompt_schedule: dict[int, str] | None = None,
+        recache_on_switch: bool = True,
+        local_attn_size: int | None = None,
+        sink_size: int | None = None,
+        return_trajectory: bool = False,
+    ) -> Iterator[StreamChunk]:
+        r"""Generate chunk by chunk, yielding decoded frames as soon as each chunk is done.
+
+        Args:
+            prompt, negative_prompt, num_frames, height, width, generator, output_type: as in ``__call__``.
+            guidance_scale (`float`, defaults to 1.0): classifier-free guidance of the student (1 = unguided, the
+                released RAVEN setting; >1 runs a negative branch with its own cache entries).
+            latents (`torch.Tensor`, *optional*): the full-length initial noise ``[B, 16, F_lat, H/8, W/8]``.
+            prompt_schedule (`dict[int, str]`, *optional*): ``{chunk_index: new_prompt}`` switches the prompt from that
+                chunk on (new text K/V; with ``recache_on_switch`` the cached history is re-encoded with the new
+                prompt, as LongLive does). Needs a batch of one prompt.
+            local_attn_size, sink_size (`int`, *optional*): LongLive-style window/sink (latent frames) overriding the
+                transformer config, for streams longer than the training length (RoPE limit: 1024 latent frames).
+            return_trajectory (`bool`): also record each chunk's pre-step noisy inputs (for training rollouts).
+
+        Yields:
+            :class:`StreamChunk` per chunk.
+        """
+        self.check_inputs(prompt, negative_prompt, num_frames, height, width, prompt_embeds, guidance_scale,
+                          local_attn_size, sink_size, prompt_schedule)
+        if prompt_schedule and (prompt is None or (not isinstance(prompt, str) and len(prompt) != 1)):
+            raise ValueError("prompt_schedule needs a single `prompt` string (prompt switching is per stream).")
+        if output_type not in ("np", "pt", "pil", "latent"):
+            raise ValueError(f"output_type={output_type!r}; use 'np', 'pt', 'pil' or 'latent'.")
+        device = self._execution_device
+        transformer = self.transformer
+
+        if prompt_embeds is None:
+            text = self._encode(prompt, negative_prompt, guidance_scale, num_videos_per_prompt,
+                                max_sequence_length, device)
+        else:
+            text = prompt_embeds if guidance_scale <= 1.0 else torch.cat([negative_prompt_embeds, prompt_embeds])
+            text = text.to(device=device, dtype=transformer.dtype)
+        batch = text.shape[0] // (2 if guidance_scale > 1.0 else 1)
+        current_prompt = [prompt] * batch if isinstance(prompt, str) else (list(prompt) if prompt else None)
+
+        latent_frames = self.latent_frames(num_frames)
+        lh, lw = height // self.vae_scale_factor_spatial, width // self.vae_scale_factor_spatial
+        shape = (batch, transformer.config.in_channels, latent_frames, lh, lw)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}.")
+        latents = latents.to(device=device, dtype=torch.float32)
+
+        sizes = transformer.chunk_sizes(latent_frames)
+        window = transformer.config.local_attn_size if local_attn_size is None else local_attn_size
+        cache = transformer.new_kv_cache(
+            text.shape[0], lh, lw, max_frames=latent_frames if window == -1 else None,
+            local_attn_size=local_attn_size, sink_size=sink_size, device=device,
+        )
+        decoder = StreamingWanDecoder(self.vae) if output_type != "latent" else None
+        history = torch.zeros_like(latents)
+        timesteps = self._set_scheduler(device)
+        steps = len(timesteps)
+
+        with self.progress_bar(total=len(sizes) * steps) as progress:
+            start = 0
+            for index, n in enumerate(sizes):
+                tic = time.perf_counter()
+                if prompt_schedule and index in prompt_schedule:
+                    current_prompt = [prompt_schedule[index]]
+                    text = self._encode(current_prompt, negative_prompt, guidance_scale, num_videos_per_prompt,
+                                        max_sequence_length, device)
+                    cache.reset_text()
+                    if recache_on_switch:
+                        self._recache(cache, history[:, :, :start], text, guidance_scale)
+                self._set_scheduler(device)
+                z = latents[:, :, start : start + n]
+                trajectory = []
+                for k in range(steps):
+                    if return_trajectory:
+                        trajectory.append(z.clone())
+                    v = self._predict(z, timesteps[k], text if not cache.has_text else None, cache, start,
+                                      guidance_scale)
+                    z = self.scheduler.step(v.float(), self.scheduler.timesteps[k], z, generator=generator).prev_sample
+                    progress.update()
+                clean = z.float()
+                history[:, :, start : start + n] = clean
+                if index < len(sizes) - 1:
+                    self._cache_pass(clean, text if not cache.has_text else None, cache, start, guidance_scale)
+                frames = None
+                if decoder is not None:
+                    pixels = decoder.decode_chunk(clean.to(self.vae.dtype))  # [B, 3, F_px, H, W] in [-1, 1]
+                    frames = self.video_processor.postprocess_video(pixels, output_type=output_type)
+                pixel_start = 0 if index == 0 else (start - 1) * self.vae_scale_factor_temporal + 1
+                yield StreamChunk(index, frames, clean, pixel_start, current_prompt, time.perf_counter() - tic,
+                                  trajectory)
+                start += n
+        self.maybe_free_model_hooks()
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        num_frames: int = 81,
+        height: int = 480,
+        width: int = 832,
+        guidance_scale: float = 1.0,
+        num_videos_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "np",
+        return_dict: bool = True,
+        max_sequence_length: int = 512,
+        **stream_kwargs,
+    ) -> WanPipelineOutput | tuple:
+        r"""Generate a whole video (the concatenation of :meth:`stream`'s chunks).
+
+        Returns:
+            `WanPipelineOutput` with `frames`: ``np`` -> ``[B, F, H, W, 3]`` float in [0, 1]; ``pt`` -> ``[B, F, 3, H,
+            W]``; ``pil`` -> list of lists of images; ``latent`` -> the latents ``[B, 16, F_lat, H/8, W/8]``.
+        """
+        chunks = list(
+            self.stream(
+                prompt=prompt, negative_prompt=negative_prompt, num_frames=num_frames, height=height, width=width,
+                guidance_scale=guidance_scale, num_videos_per_prompt=num_videos_per_prompt, generator=generator,
+                latents=latents, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                output_type=output_type, max_sequence_length=max_sequence_length, **stream_kwargs,
+            )
+        )
+        if output_type == "latent":
+            video = torch.cat([c.latents for c in chunks], dim=2)
+        elif output_type == "np":
+            video = np.concatenate([c.frames for c in chunks], axis=1)
+        elif output_type == "pt":
+            video = torch.cat([c.frames for c in chunks], dim=1)
+        else:
+            video = [sum((c.frames[b] for c in chunks), []) for b in range(len(chunks[0].frames))]
+        if not return_dict:
+            return (video,)
+        return WanPipelineOutput(frames=video)
+
+    # ------------------------------------------------------------------ save / load (Hub layout)
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """``DiffusionPipeline.save_pretrained`` + the Hub layout (``trust_remote_code`` shims, diffusers_notes §4)."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        hub.write_hub_layout(save_directory)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """Load a folder or Hub repo. Our own shim files (byte-identical to the ones we write) are trusted without
+        ``trust_remote_code``; any other remote code still needs ``trust_remote_code=True``."""
+        if kwargs.get("trust_remote_code") is None and hub.has_our_shims(pretrained_model_name_or_path, **kwargs):
+            kwargs["trust_remote_code"] = True
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
