@@ -308,9 +308,9 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         steps = len(timesteps)
 
         with self.progress_bar(total=len(sizes) * steps) as progress:
-            start = 0
+            start, carry = 0, 0.0
             for index, n in enumerate(sizes):
-                tic = time.perf_counter()
+                tic = time.perf_counter() - carry
                 if prompt_schedule and index in prompt_schedule:
                     current_prompt = [prompt_schedule[index]]
                     text = self._encode(current_prompt, negative_prompt, guidance_scale, num_videos_per_prompt,
@@ -330,16 +330,20 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                     progress.update()
                 clean = z.float()
                 history[:, :, start : start + n] = clean
-                if index < len(sizes) - 1:
-                    self._cache_pass(clean, text if not cache.has_text else None, cache, start, guidance_scale)
                 frames = None
                 if decoder is not None:
                     pixels = decoder.decode_chunk(clean.to(self.vae.dtype))  # [B, 3, F_px, H, W] in [-1, 1]
                     frames = self.video_processor.postprocess_video(pixels, output_type=output_type)
                 pixel_start = 0 if index == 0 else (start - 1) * self.vae_scale_factor_temporal + 1
+                # Yield before the cache pass: the frames reach the consumer one DiT forward earlier; the cache pass
+                # runs when the next chunk is requested (its time counts towards that chunk).
                 yield StreamChunk(index, frames, clean, pixel_start, current_prompt, time.perf_counter() - tic,
                                   trajectory)
+                tic = time.perf_counter()
+                if index < len(sizes) - 1:
+                    self._cache_pass(clean, text if not cache.has_text else None, cache, start, guidance_scale)
                 start += n
+                carry = time.perf_counter() - tic
         self.maybe_free_model_hooks()
 
     @torch.no_grad()

@@ -1,0 +1,132 @@
+"""Streaming generation speed at Wan2.1-1.3B size with random weights (weights do not change speed).
+
+Setting: batch 1, bf16 transformer, 81 frames at 480x832 (21 latent frames, 7 chunks of 3), 4 consistency steps +
+1 cache pass per chunk, full KV history, full Wan VAE streamed decode, prompt already encoded (random UMT5-sized
+embeddings: the text encoder is outside the measured path, as in "encoded prompt -> first frames").
+
+Prints ONE JSON line: fps, first_chunk_latency_s, per_chunk_ms, dit_only_s, peak_mem_gb, floor_ratio, mode, ...
+
+    python benchmarks/stream.py                  # H100/H200
+    python benchmarks/stream.py --tiny           # CPU smoke test of the script itself
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import time
+
+import torch
+
+
+def build_pipeline(args, device, dtype):
+    from diffusers import AutoencoderKLWan, FlowMatchLCMScheduler
+
+    from raven_video import CausalWanPipeline, CausalWanTransformer3DModel
+    from raven_video.testing import tiny_causal_transformer, tiny_vae
+
+    if args.tiny:
+        transformer, vae = tiny_causal_transformer(), tiny_vae()
+    else:
+        with torch.device(device):
+            transformer = CausalWanTransformer3DModel(
+                num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30, text_dim=4096,
+                freq_dim=256, in_channels=16, out_channels=16, num_frames_per_block=3,
+            )
+            vae = AutoencoderKLWan()  # the Wan2.1 VAE configuration (base_dim 96)
+    transformer.to(device=device, dtype=dtype).eval()
+    vae.to(device=device, dtype=torch.bfloat16 if args.vae_dtype == "bf16" and device == "cuda" else torch.float32)
+    vae.eval()
+    pipe = CausalWanPipeline(tokenizer=None, text_encoder=None, vae=vae, scheduler=FlowMatchLCMScheduler(shift=5.0),
+                             transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_once(pipe, text, args, device, output_type):
+    """One streamed generation; per-chunk wall times measured at the moment each chunk's frames exist."""
+    sync(device)
+    tic = time.perf_counter()
+    marks = []
+    for chunk in pipe.stream(prompt_embeds=text, num_frames=args.num_frames, height=args.height, width=args.width,
+                             generator=torch.Generator(device="cpu").manual_seed(0), output_type=output_type):
+        sync(device)
+        marks.append(time.perf_counter() - tic)
+    total = marks[-1]
+    per_chunk = [marks[0]] + [b - a for a, b in zip(marks, marks[1:])]
+    return total, per_chunk
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--tiny", action="store_true", help="tiny random model on CPU (checks the script only)")
+    p.add_argument("--num_frames", type=int, default=81)
+    p.add_argument("--height", type=int, default=480)
+    p.add_argument("--width", type=int, default=832)
+    p.add_argument("--vae_dtype", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--mode", default="eager")
+    args = p.parse_args()
+    if args.tiny:
+        args.num_frames, args.height, args.width, args.repeats = 33, 64, 96, 1
+    device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    torch.manual_seed(0)
+    pipe = build_pipeline(args, device, dtype)
+    text_dim = pipe.transformer.config.text_dim
+    text = torch.randn(1, 512, text_dim, device=device, dtype=dtype)
+
+    run_once(pipe, text, args, device, "pt")  # warm-up (allocator, kernels, cuDNN autotune)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    runs = [run_once(pipe, text, args, device, "pt") for _ in range(args.repeats)]
+    best = min(runs, key=lambda r: r[0])
+    dit_only = min(run_once(pipe, text, args, device, "latent")[0] for _ in range(args.repeats))
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+
+    from raven_video.eval.speed import floor_seconds, stream_flops
+
+    cfg = pipe.transformer.config
+    sizes = pipe.transformer.chunk_sizes(pipe.latent_frames(args.num_frames))
+    tpf = pipe.transformer.tokens_per_frame_for(args.height // 8, args.width // 8)
+    flops = stream_flops(sizes, tpf, dim=cfg.num_attention_heads * cfg.attention_head_dim, ffn_dim=cfg.ffn_dim,
+                         num_layers=cfg.num_layers, height=args.height, width=args.width)
+    floor = floor_seconds(flops.dit_tflop + flops.vae_tflop)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = None
+    result = {
+        "benchmark": "stream",
+        "mode": args.mode,
+        "date": datetime.date.today().isoformat(),
+        "gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "commit": commit or None,
+        "num_frames": args.num_frames,
+        "resolution": f"{args.height}x{args.width}",
+        "vae_dtype": args.vae_dtype,
+        "total_s": round(best[0], 4),
+        "fps": round(args.num_frames / best[0], 2),
+        "first_chunk_latency_s": round(best[1][0], 4),
+        "per_chunk_ms": [round(1000 * t, 1) for t in best[1]],
+        "dit_only_s": round(dit_only, 4),
+        "vae_and_overhead_s": round(best[0] - dit_only, 4),
+        "all_runs_s": [round(r[0], 4) for r in runs],
+        "peak_mem_gb": round(peak, 2) if peak is not None else None,
+        "flops": flops.as_dict(),
+        "floor_s_at_800_tflops": round(floor, 4),
+        "floor_ratio": round(floor / best[0], 3),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
