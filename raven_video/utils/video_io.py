@@ -310,3 +310,25 @@ def save_video(
     with AtomicVideoWriter(path, fps=fps, value_range=value_range, layout=layout, **writer_kwargs) as writer:
         writer.append(frames)
     return Path(path)
+
+
+def read_video(path: str | os.PathLike) -> tuple[np.ndarray, float]:
+    """Decode an mp4 -> ``(uint8 [F, H, W, 3], fps)`` with imageio-ffmpeg (its wheel ships ffmpeg)."""
+    import imageio_ffmpeg
+
+    reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
+    meta = next(reader)
+    width, height = meta["size"]
+    frames = [np.frombuffer(buf, dtype=np.uint8).reshape(height, width, 3) for buf in reader]
+    if not frames:
+        raise ValueError(f"{path}: no frames decoded; the file is empty or not a video.")
+    return np.stack(frames), float(meta.get("fps", 16.0))
+
+
+def cleanup_partial_files(folder: str | os.PathLike) -> int:
+    """Remove the temporary files of [`AtomicVideoWriter`] that a killed run left in ``folder``; returns how many."""
+    removed = 0
+    for tmp in Path(folder).glob(".*.tmp-*"):
+        tmp.unlink()
+        removed += 1
+    return removed
