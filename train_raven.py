@@ -1,0 +1,573 @@
+#!/usr/bin/env python
+"""RAVEN distillation: DMD with the training-time test on a causal Wan2.1 student (spec §3-5, Appendix B.2).
+
+    accelerate launch --config_file configs/accelerate_fsdp2_8gpu.yaml train_raven.py \
+        --pretrained_model_name_or_path <CausalWanPipeline folder> --teacher_model <Wan2.1-T2V-14B diffusers folder> \
+        --critic_model <Wan2.1-T2V-1.3B diffusers folder> --prompts prompts.txt --output_dir raven-out
+
+The algorithm lives in ``raven_video.training`` (``rollout.py``, ``raven_step.py``); this script is wiring: arguments,
+models, Accelerate, checkpoints, logging, validation and export. See ``docs/training.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import math
+import os
+import re
+import shutil
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+logger = logging.getLogger("train_raven")
+
+HISTORY_CHOICES = ("raven", "self_forcing", "diffusion_forcing", "teacher_forcing", "df_self_rollout")
+
+
+# ----------------------------------------------------------------------------------------------------- arguments
+def parse_args(input_args=None):
+    p = argparse.ArgumentParser(description="RAVEN DMD distillation with the training-time test (spec App. B.2).")
+    # models
+    p.add_argument("--pretrained_model_name_or_path", type=str, default=None,
+                   help="CausalWanPipeline folder or Hub id: the student init (+ text encoder, VAE, tokenizer).")
+    p.add_argument("--teacher_model", type=str, default=None,
+                   help="Wan2.1 T2V diffusers transformer (1.3B or 14B; a pipeline folder or a transformer folder).")
+    p.add_argument("--critic_model", type=str, default=None,
+                   help="Fake-score init (Wan2.1-T2V-1.3B). Default: the teacher when it has the student's size.")
+    p.add_argument("--revision", type=str, default=None)
+    p.add_argument("--tiny_random_models", action="store_true",
+                   help="Build tiny random student/critic/teacher/text encoder/VAE (CPU smoke runs, tests).")
+    # data
+    p.add_argument("--prompts", type=str, default=None, help="txt / csv / parquet / jsonl file, folder or Hub dataset.")
+    p.add_argument("--prompt_column", type=str, default="prompt")
+    p.add_argument("--latent_dataset", type=str, default=None,
+                   help="Folder of precomputed latents + prompts (scripts/precompute_latents.py); needed by "
+                        "--history teacher_forcing/diffusion_forcing, and then also the prompt source.")
+    p.add_argument("--num_frames", type=int, default=81)
+    p.add_argument("--height", type=int, default=480)
+    p.add_argument("--width", type=int, default=832)
+    p.add_argument("--max_sequence_length", type=int, default=512)
+    p.add_argument("--train_batch_size", type=int, default=1, help="Videos per process per iteration (spec: 1).")
+    # algorithm
+    p.add_argument("--history", type=str, default="raven", choices=HISTORY_CHOICES)
+    p.add_argument("--chunk_weighting", type=str, default="-1", help="Spec §5: alpha, uniform, mode_<s>, ln_<m>_<s>.")
+    p.add_argument("--ttur", type=int, default=2, help="Generator update every `ttur` iterations (critic every one).")
+    p.add_argument("--guidance_scale", type=float, default=3.0, help="Teacher CFG, neg + w(pos - neg).")
+    p.add_argument("--rollout_guidance_scale", type=float, default=1.0,
+                   help="Student CFG in the rollout; 1 = unguided (default), 3.0 reproduces ff6960c (spec §10.1).")
+    p.add_argument("--negative_prompt", type=str, default=None, help="Default: the spec's RAVEN negative prompt.")
+    p.add_argument("--dmd_loss_type", type=str, default="dmd", choices=("dmd", "sim", "sid"))
+    # optimisation
+    p.add_argument("--learning_rate", type=float, default=2e-6)
+    p.add_argument("--critic_learning_rate", type=float, default=4e-7)
+    p.add_argument("--adam_beta1", type=float, default=0.0)
+    p.add_argument("--adam_beta2", type=float, default=0.999)
+    p.add_argument("--adam_epsilon", type=float, default=1e-8)
+    p.add_argument("--adam_weight_decay", type=float, default=0.0)
+    p.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit (CUDA).")
+    p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--mixed_precision", type=str, default=None, choices=("no", "fp16", "bf16"))
+    p.add_argument("--max_grad_norm", type=float, default=1000.0, help="Reference default 1000 (= no clipping).")
+    p.add_argument("--ema_decay", type=float, default=0.9675)
+    p.add_argument("--offload_text_encoder", action="store_true", help="Keep the text encoder on the CPU.")
+    p.add_argument("--max_train_steps", type=int, default=220, help="Iterations (RAVEN: 220 = 110 generator updates).")
+    p.add_argument("--seed", type=int, default=20001019)
+    # checkpoints, logging, validation, export
+    p.add_argument("--output_dir", type=str, default="raven-output")
+    p.add_argument("--checkpointing_steps", type=int, default=110)
+    p.add_argument("--checkpoints_total_limit", type=int, default=None)
+    p.add_argument("--resume_from_checkpoint", type=str, default=None, help="'latest' or a checkpoint folder.")
+    p.add_argument("--report_to", type=str, default="tensorboard", choices=("tensorboard", "wandb", "none"))
+    p.add_argument("--logging_dir", type=str, default="logs")
+    p.add_argument("--validation_steps", type=int, default=None)
+    p.add_argument("--validation_prompts", type=str, nargs="*", default=None)
+    p.add_argument("--push_to_hub", action="store_true")
+    p.add_argument("--hub_model_id", type=str, default=None)
+    p.add_argument("--hub_token", type=str, default=None)
+    args = p.parse_args(input_args)
+    env_rank = int(os.environ.get("LOCAL_RANK", -1))
+    args.local_rank = env_rank
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------- validation
+def validate_args(args) -> None:
+    """Cheap checks of the flags alone, before any file or model is touched. Errors name the value and the fix."""
+    from raven_video.training.chunk_weighting import parse_chunk_weighting
+
+    if not args.tiny_random_models:
+        if not args.pretrained_model_name_or_path:
+            raise ValueError("--pretrained_model_name_or_path is required (a CausalWanPipeline folder), "
+                             "or pass --tiny_random_models for a smoke run.")
+        if not args.teacher_model:
+            raise ValueError("--teacher_model is required: a Wan2.1 T2V diffusers transformer (1.3B or 14B) used as "
+                             "the frozen real score (spec §4.1).")
+    if args.prompts is None and args.latent_dataset is None:
+        raise ValueError("no prompt source: pass --prompts (txt/csv/parquet/Hub dataset) or --latent_dataset.")
+    if args.history in ("teacher_forcing", "diffusion_forcing") and not args.latent_dataset:
+        raise ValueError(f"--history {args.history} builds its history from real-video latents: pass "
+                         "--latent_dataset (see scripts/precompute_latents.py).")
+    if args.num_frames < 1 or (args.num_frames - 1) % 4:
+        k = max((args.num_frames - 1) // 4, 0)
+        raise ValueError(f"--num_frames {args.num_frames} is not of the form 4k+1; use {4 * k + 1} or {4 * k + 5}.")
+    for name in ("height", "width"):
+        value = getattr(args, name)
+        if value <= 0 or value % 16:
+            raise ValueError(f"--{name} {value} must be a positive multiple of 16 (VAE stride 8 x patch 2).")
+    for name in ("ttur", "max_train_steps", "train_batch_size", "checkpointing_steps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} {getattr(args, name)} must be >= 1.")
+    for name in ("learning_rate", "critic_learning_rate"):
+        if not getattr(args, name) > 0:
+            raise ValueError(f"--{name} {getattr(args, name)} must be > 0.")
+    if not 0.0 <= args.ema_decay <= 1.0:
+        raise ValueError(f"--ema_decay {args.ema_decay} must be in [0, 1] (RAVEN: 0.9675).")
+    if args.guidance_scale < 1.0 or args.rollout_guidance_scale < 1.0:
+        raise ValueError("--guidance_scale and --rollout_guidance_scale must be >= 1 (1 = no guidance).")
+    parse_chunk_weighting(args.chunk_weighting)
+    if args.report_to == "wandb" and args.hub_token is not None:
+        raise ValueError("--report_to wandb together with --hub_token would expose the token in the run config; "
+                         "log in with `huggingface-cli login` instead of passing --hub_token.")
+    if args.push_to_hub and not args.hub_model_id:
+        raise ValueError("--push_to_hub needs --hub_model_id (e.g. user/raven-wan-1.3b).")
+    if args.validation_steps is not None and args.validation_steps < 1:
+        raise ValueError(f"--validation_steps {args.validation_steps} must be >= 1.")
+
+
+_COMPAT_KEYS = ("in_channels", "out_channels", "patch_size", "text_dim")
+_SIZE_KEYS = ("num_layers", "num_attention_heads", "attention_head_dim", "ffn_dim")
+
+
+def _cfg(config, key):
+    value = config.get(key)
+    return tuple(value) if isinstance(value, list) else value
+
+
+def check_model_configs(student_cfg: dict, teacher_cfg: dict, critic_cfg: dict, text_dim: int | None = None) -> None:
+    """Student, teacher and critic must share the latent space, patching and text width (spec §4.1)."""
+    for name, cfg in (("teacher", teacher_cfg), ("critic", critic_cfg)):
+        for key in _COMPAT_KEYS:
+            if _cfg(cfg, key) != _cfg(student_cfg, key):
+                raise ValueError(
+                    f"{name} config {key}={_cfg(cfg, key)} differs from the student's {_cfg(student_cfg, key)}: "
+                    f"the {name} must be a Wan2.1 T2V transformer with the same latent channels, patch size and "
+                    "text width as the student."
+                )
+    if text_dim is not None and _cfg(student_cfg, "text_dim") != text_dim:
+        raise ValueError(f"the text encoder outputs width {text_dim} but the transformers expect text_dim="
+                         f"{_cfg(student_cfg, 'text_dim')}.")
+
+
+def same_size(a: dict, b: dict) -> bool:
+    return all(_cfg(a, k) == _cfg(b, k) for k in _SIZE_KEYS)
+
+
+def latent_shape(args, student_cfg: dict) -> tuple:
+    """``(B, C, F, H, W)`` and validation of the chunking (spec §1.5)."""
+    from raven_video.models.attention_layout import chunk_sizes
+
+    frames = (args.num_frames - 1) // 4 + 1
+    try:
+        chunk_sizes(frames, student_cfg.get("num_frames_per_block", 3), student_cfg.get("num_frames_first_block"))
+    except ValueError as err:
+        raise ValueError(f"--num_frames {args.num_frames} ({frames} latent frames) does not fit the student's "
+                         f"chunking: {err}") from None
+    return (args.train_batch_size, student_cfg["in_channels"], frames, args.height // 8, args.width // 8)
+
+
+# ----------------------------------------------------------------------------------------------------- models
+def _transformer_location(path: str) -> dict:
+    """``{"pretrained_model_name_or_path": ..., "subfolder": ...}`` for a pipeline or a bare transformer folder."""
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "config.json")):
+            return {"pretrained_model_name_or_path": path}
+        if os.path.isfile(os.path.join(path, "transformer", "config.json")):
+            return {"pretrained_model_name_or_path": path, "subfolder": "transformer"}
+        raise ValueError(f"{path!r} holds neither a transformer (config.json) nor a pipeline (transformer/config.json).")
+    if path.startswith((".", "/", "~")) or path.count("/") != 1:
+        raise FileNotFoundError(f"model path {path!r} does not exist; pass a local folder or a Hub id 'org/name'.")
+    return {"pretrained_model_name_or_path": path, "subfolder": "transformer"}
+
+
+def load_transformer_config(path: str, revision=None) -> dict:
+    from raven_video.models.transformer_causal_wan import CausalWanTransformer3DModel
+
+    return dict(CausalWanTransformer3DModel.load_config(**_transformer_location(path), revision=revision))
+
+
+def load_transformer(path: str, revision=None, **kwargs):
+    """Any Wan2.1 T2V diffusers transformer into ``CausalWanTransformer3DModel`` (same parameter names)."""
+    from raven_video.models.transformer_causal_wan import CausalWanTransformer3DModel
+
+    return CausalWanTransformer3DModel.from_pretrained(**_transformer_location(path), revision=revision, **kwargs)
+
+
+def model_configs(args) -> tuple:
+    """(student, teacher, critic) transformer configs, read without loading weights."""
+    if args.tiny_random_models:
+        from raven_video.testing import tiny_wan_transformer_config
+
+        cfg = dict(tiny_wan_transformer_config(num_frames_per_block=3), num_frames_first_block=None)
+        return cfg, dict(cfg), dict(cfg)
+    student_path = args.pretrained_model_name_or_path
+    if not os.path.isdir(student_path) and student_path.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"--pretrained_model_name_or_path {student_path!r} does not exist.")
+    student = load_transformer_config(student_path, args.revision)
+    try:
+        teacher = load_transformer_config(args.teacher_model)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--teacher_model {args.teacher_model!r} cannot be read: {err}") from None
+    if args.critic_model:
+        critic = load_transformer_config(args.critic_model)
+    elif same_size(teacher, student):
+        critic = teacher
+    else:
+        raise ValueError(
+            f"--teacher_model {args.teacher_model!r} is larger than the student (num_layers {teacher['num_layers']} vs "
+            f"{student['num_layers']}): pass --critic_model with a student-sized Wan2.1 T2V transformer (RAVEN: "
+            "Wan2.1-T2V-1.3B critic, 14B teacher)."
+        )
+    return student, teacher, critic
+
+
+def load_models(args, weight_dtype):
+    """Student pipeline (text encoder, VAE, tokenizer, student transformer), critic and teacher."""
+    from raven_video.pipelines.pipeline_causal_wan import CausalWanPipeline
+
+    if args.tiny_random_models:
+        from raven_video.testing import tiny_causal_transformer, tiny_pipeline
+
+        pipe = tiny_pipeline(seed=0)
+        teacher = tiny_causal_transformer(seed=2)
+        critic = tiny_causal_transformer(seed=2)  # the critic starts from the teacher's weights (same size)
+        return pipe, critic, teacher
+    pipe = CausalWanPipeline.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision)
+    teacher = load_transformer(args.teacher_model, torch_dtype=weight_dtype)
+    critic = load_transformer(args.critic_model or args.teacher_model, torch_dtype=torch.float32)
+    return pipe, critic, teacher
+
+
+def make_optimizer(args, params, lr):
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as err:
+            raise ImportError("--use_8bit_adam needs bitsandbytes (CUDA): pip install bitsandbytes") from err
+        cls = bnb.optim.AdamW8bit
+    else:
+        cls = torch.optim.AdamW
+    return cls(params, lr=lr, betas=(float(args.adam_beta1), float(args.adam_beta2)), eps=args.adam_epsilon,
+               weight_decay=args.adam_weight_decay)
+
+
+# ----------------------------------------------------------------------------------------------------- checkpoints
+class TrainingProgress:
+    """The global step, checkpointed with ``register_for_checkpointing``."""
+
+    def __init__(self):
+        self.global_step = 0
+
+    def state_dict(self):
+        return {"global_step": self.global_step}
+
+    def load_state_dict(self, state):
+        self.global_step = int(state["global_step"])
+
+
+_CKPT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def list_checkpoints(output_dir: str) -> list:
+    """Complete checkpoints (``checkpoint-<step>``; unfinished ``*.tmp`` saves are ignored), oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = [(int(m.group(1)), d) for d in os.listdir(output_dir) if (m := _CKPT.match(d))]
+    return [os.path.join(output_dir, d) for _, d in sorted(found)]
+
+
+def save_checkpoint(accelerator, output_dir: str, step: int, total_limit) -> str:
+    """Save into ``checkpoint-<step>.tmp`` then rename: a crash mid-save never damages the last good checkpoint."""
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    tmp = final + ".tmp"
+    if accelerator.is_main_process and os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if total_limit is not None:
+            for old in list_checkpoints(output_dir)[:-total_limit]:
+                logger.info("removing old checkpoint %s", old)
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def resolve_resume(args) -> str | None:
+    if not args.resume_from_checkpoint:
+        return None
+    if args.resume_from_checkpoint == "latest":
+        found = list_checkpoints(args.output_dir)
+        if not found:
+            logger.warning("--resume_from_checkpoint latest: no checkpoint in %s, starting fresh.", args.output_dir)
+            return None
+        return found[-1]
+    if not os.path.isdir(args.resume_from_checkpoint):
+        raise FileNotFoundError(f"--resume_from_checkpoint {args.resume_from_checkpoint!r} is not a folder.")
+    return args.resume_from_checkpoint
+
+
+# ----------------------------------------------------------------------------------------------------- export
+def export_pipeline(pipe, student_state_dict, output_dir: str) -> None:
+    """The EMA student as a ``CausalWanPipeline`` folder (Hub layout) in ``output_dir``."""
+    transformer = copy.deepcopy(pipe.transformer).to("cpu", torch.float32)
+    transformer.load_state_dict({k: v.to("cpu", torch.float32) for k, v in student_state_dict.items()})
+    exported = type(pipe)(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder.to("cpu"),
+                          vae=pipe.vae.to("cpu"), scheduler=pipe.scheduler, transformer=transformer,
+                          denoising_timesteps=pipe.config.denoising_timesteps, fps=pipe.config.fps)
+    exported.save_pretrained(output_dir)
+
+
+def save_model_card(args, output_dir: str, repo_id: str | None, steps: int) -> None:
+    from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
+
+    base = args.pretrained_model_name_or_path
+    base_model = base if base and not os.path.exists(base) else None  # only Hub ids in `base_model`
+    description = (
+        f"# RAVEN causal few-step Wan2.1 student\n\nEMA student (decay {args.ema_decay}) after {steps} RAVEN iterations "
+        f"(DMD with the training-time test, history `{args.history}`, chunk weighting `{args.chunk_weighting}`, "
+        f"teacher CFG {args.guidance_scale}). Load with `CausalWanPipeline.from_pretrained(...)` and stream 4-step "
+        "chunks (t = 1000, 938, 833, 625).\n"
+    )
+    kwargs = dict(from_training=True, license="apache-2.0", base_model=base_model, model_description=description,
+                  prompt=(args.validation_prompts or [None])[0])
+    if repo_id is not None:
+        card = load_or_create_model_card(repo_id, token=args.hub_token, **kwargs)
+    else:  # local export: create the card from the template without asking the Hub for an existing one
+        import huggingface_hub.constants as hub_constants
+
+        offline, hub_constants.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE, True
+        try:
+            card = load_or_create_model_card(f"local/{os.path.basename(os.path.abspath(output_dir))}", **kwargs)
+        finally:
+            hub_constants.HF_HUB_OFFLINE = offline
+    card = populate_model_card(card, tags=["text-to-video", "diffusers", "raven", "wan", "causal", "distillation"])
+    card.save(os.path.join(output_dir, "README.md"))
+
+
+# ----------------------------------------------------------------------------------------------------- validation
+def log_validation(args, accelerator, pipe, student, step: int) -> None:
+    """Videos for the fixed validation prompts (current student), written to ``output_dir/validation`` and logged."""
+    import numpy as np
+
+    from raven_video.pipelines.pipeline_causal_wan import CausalWanPipeline
+
+    val = CausalWanPipeline(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae,
+                            scheduler=copy.deepcopy(pipe.scheduler), transformer=student,
+                            denoising_timesteps=pipe.config.denoising_timesteps, fps=pipe.config.fps)
+    val.set_progress_bar_config(disable=True)
+    generator = torch.Generator(device=accelerator.device).manual_seed(args.seed)
+    folder = os.path.join(args.output_dir, "validation", f"step-{step}")
+    os.makedirs(folder, exist_ok=True)
+    videos = []
+    was_training = student.training
+    student.eval()
+    for i, prompt in enumerate(args.validation_prompts):
+        with accelerator.autocast():
+            frames = val(prompt=prompt, num_frames=args.num_frames, height=args.height, width=args.width,
+                         generator=generator, output_type="np", max_sequence_length=args.max_sequence_length).frames[0]
+        videos.append(frames)
+        try:
+            from diffusers.utils import export_to_video
+
+            export_to_video(list(frames), os.path.join(folder, f"{i:02d}.mp4"), fps=pipe.config.fps)
+        except Exception as err:  # video writer backends are optional
+            np.save(os.path.join(folder, f"{i:02d}.npy"), frames)
+            logger.warning("could not write mp4 (%s); saved frames as .npy", err)
+    student.train(was_training)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            clip = torch.from_numpy(np.stack(videos)).permute(0, 1, 4, 2, 3)  # [N, F, 3, H, W]
+            try:
+                tracker.writer.add_video("validation", clip, step, fps=pipe.config.fps)
+            except Exception:  # add_video needs moviepy: fall back to the first frames
+                tracker.writer.add_images("validation_first_frame", clip[:, 0], step)
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation": [wandb.Video(os.path.join(folder, f"{i:02d}.mp4"), caption=p)
+                                        for i, p in enumerate(args.validation_prompts)]}, step=step)
+
+
+# ----------------------------------------------------------------------------------------------------- main
+def main(input_args=None):
+    args = parse_args(input_args) if not isinstance(input_args, argparse.Namespace) else input_args
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+
+    # --- validate everything cheap before any heavy work or any write
+    from raven_video.data.prompts import PromptStream, load_prompts
+
+    validate_args(args)
+    student_cfg, teacher_cfg, critic_cfg = model_configs(args)
+    check_model_configs(student_cfg, teacher_cfg, critic_cfg)
+    shape = latent_shape(args, student_cfg)
+    dataset = None
+    if args.latent_dataset:
+        from raven_video.data.latents import LatentDataset
+
+        dataset = LatentDataset(args.latent_dataset, latent_shape=shape[1:])
+        keys = dataset.keys
+    else:
+        keys = load_prompts(args.prompts, column=args.prompt_column)
+
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+
+    from raven_video.training.ema import EMA
+    from raven_video.training.raven_step import RAVEN_NEGATIVE_PROMPT, RavenConfig, TrainState, raven_iteration
+    from raven_video.training.rollout import GeneratorForward
+
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                            logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+    )
+    is_fsdp = getattr(accelerator.state, "fsdp_plugin", None) is not None
+    set_seed(args.seed)
+    weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
+    stream = PromptStream(keys, seed=args.seed, rank=accelerator.process_index, world_size=accelerator.num_processes)
+    resume_path = resolve_resume(args)
+
+    # --- models
+    pipe, critic, teacher = load_models(args, weight_dtype)
+    text_dim = pipe.text_encoder.config.d_model if pipe.text_encoder is not None else None
+    check_model_configs(dict(pipe.transformer.config), dict(teacher.config), dict(critic.config), text_dim)
+    student = pipe.transformer
+    teacher.requires_grad_(False).eval()
+    pipe.vae.requires_grad_(False)
+    pipe.text_encoder.requires_grad_(False)
+    text_device = "cpu" if args.offload_text_encoder else accelerator.device
+    pipe.text_encoder.to(text_device, dtype=weight_dtype if text_device != "cpu" else torch.float32)
+    pipe.vae.to(accelerator.device)
+    student.train().requires_grad_(True)
+    critic.train().requires_grad_(True)
+    if args.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+        critic.enable_gradient_checkpointing()
+    if not is_fsdp:
+        teacher.to(accelerator.device, dtype=weight_dtype)
+
+    student_opt = make_optimizer(args, student.parameters(), args.learning_rate)
+    critic_opt = make_optimizer(args, critic.parameters(), args.critic_learning_rate)
+    # the generator forward (every history mode) is one module call so DDP/FSDP2 hooks see it (rollout.py)
+    student_train, critic_train, student_opt, critic_opt = accelerator.prepare(
+        GeneratorForward(student), critic, student_opt, critic_opt)
+    if is_fsdp:
+        teacher = accelerator.prepare(teacher)
+    student = accelerator.unwrap_model(student_train).transformer
+    ema = EMA(student, decay=args.ema_decay)
+    progress_state = TrainingProgress()
+    for obj in (ema, stream, progress_state):
+        accelerator.register_for_checkpointing(obj)
+    if resume_path:
+        logger.info("resuming from %s", resume_path)
+        accelerator.load_state(resume_path)
+    global_step = first_step = progress_state.global_step
+
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        config = {k: v for k, v in vars(args).items() if k != "hub_token" and not isinstance(v, list)}
+        config = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config.items()}
+        if args.report_to != "none":
+            accelerator.init_trackers("raven", config=config)
+
+    # --- text embeddings (the negative prompt once)
+    def encode(prompts):
+        with torch.no_grad():
+            pos, _ = pipe.encode_prompt(prompt=prompts, do_classifier_free_guidance=False, num_videos_per_prompt=1,
+                                        max_sequence_length=args.max_sequence_length, device=text_device)
+        return pos.to(accelerator.device, torch.float32)
+
+    negative = args.negative_prompt if args.negative_prompt is not None else RAVEN_NEGATIVE_PROMPT
+    need_negative = args.guidance_scale != 1.0 or args.rollout_guidance_scale > 1.0
+    negative_text = encode([negative] * args.train_batch_size) if need_negative else None
+
+    raven_config = RavenConfig(
+        timesteps=tuple(pipe.config.denoising_timesteps), guidance_scale=args.guidance_scale,
+        rollout_guidance_scale=args.rollout_guidance_scale, ttur=args.ttur, chunk_weighting=args.chunk_weighting,
+        history=args.history, dmd_loss_type=args.dmd_loss_type, max_grad_norm=args.max_grad_norm,
+        world_size=accelerator.num_processes,
+    )
+    state = TrainState(
+        student=student, student_train=student_train, critic_train=critic_train, teacher=teacher,
+        student_optimizer=student_opt, critic_optimizer=critic_opt, ema=ema, backward=accelerator.backward,
+        clip_fn=accelerator.clip_grad_norm_, autocast=accelerator.autocast,
+    )
+
+    bar = tqdm(range(args.max_train_steps), initial=global_step, desc="RAVEN",
+               disable=not accelerator.is_local_main_process)
+    logs = {}
+    while global_step < args.max_train_steps:
+        keys_now = stream.take(args.train_batch_size)
+        prompts = [dataset.prompt(k) for k in keys_now] if dataset is not None else keys_now
+        data_latents = None
+        if dataset is not None and args.history in ("teacher_forcing", "diffusion_forcing"):
+            data_latents = torch.stack([dataset.latents(k) for k in keys_now]).to(accelerator.device)
+        text = encode(prompts)
+        # per-iteration, per-rank seed (spec §4.4): a resumed run replays the same draws
+        generator = torch.Generator().manual_seed(
+            args.seed + global_step * accelerator.num_processes + accelerator.process_index)
+        tic = time.perf_counter()
+        logs = raven_iteration(state, global_step, text, negative_text, shape, raven_config, generator, data_latents)
+        logs["first_step"] = first_step
+        logs["time_iteration"] = time.perf_counter() - tic
+        global_step += 1
+        progress_state.global_step = global_step
+        bar.update(1)
+        bar.set_postfix({k: f"{logs[k]:.4g}" for k in ("critic_loss", "dmd_loss") if k in logs})
+        accelerator.log(logs, step=global_step)
+        if any(not math.isfinite(v) for k, v in logs.items() if k in ("critic_loss", "dmd_loss")):
+            logger.warning("step %d: non-finite loss %s", global_step,
+                           {k: logs[k] for k in ("critic_loss", "dmd_loss") if k in logs})
+        if logs.get("skipped_generator") or logs.get("skipped_critic"):
+            logger.warning("step %d: non-finite gradient, optimizer step skipped (generator=%s, critic=%s)",
+                           global_step, logs.get("skipped_generator"), logs.get("skipped_critic"))
+        if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+            path = save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+            logger.info("saved %s", path)
+        if (args.validation_steps and args.validation_prompts and global_step % args.validation_steps == 0
+                and accelerator.is_main_process):
+            log_validation(args, accelerator, pipe, student, global_step)
+    bar.close()
+
+    # --- export: the EMA student as a CausalWanPipeline folder + model card (+ Hub)
+    accelerator.wait_for_everyone()
+    ema.copy_to(student)  # training is over: the student now holds the EMA weights
+    state_dict = accelerator.get_state_dict(student_train)  # keys "transformer.<name>" (GeneratorForward)
+    state_dict = {k.removeprefix("transformer."): v for k, v in state_dict.items()} if state_dict else state_dict
+    if accelerator.is_main_process:
+        export_pipeline(pipe, state_dict, args.output_dir)
+        repo_id = None
+        if args.push_to_hub:
+            from huggingface_hub import create_repo, upload_folder
+
+            repo_id = create_repo(args.hub_model_id, exist_ok=True, token=args.hub_token).repo_id
+        save_model_card(args, args.output_dir, repo_id, global_step)
+        if args.push_to_hub:
+            upload_folder(repo_id=repo_id, folder_path=args.output_dir, token=args.hub_token,
+                          commit_message="End of training",
+                          ignore_patterns=["checkpoint-*", "logs/*", "validation/*", "*.tmp"])
+    accelerator.end_training()
+    return logs
+
+
+if __name__ == "__main__":
+    main()
