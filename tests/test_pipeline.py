@@ -136,3 +136,20 @@ def test_bad_input_fails_before_any_model_call(pipe, kwargs, match, monkeypatch)
     with pytest.raises(ValueError, match=match):
         pipe(**args)
     assert calls == []
+
+
+def test_bf16_transformer_gets_exact_float32_timesteps(monkeypatch):
+    pipe = tiny_pipeline(seed=0)
+    pipe.transformer.to(torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    seen = []
+    original = pipe.transformer.forward
+
+    def spy(hidden_states, timestep, *args, **kwargs):
+        seen.append(timestep.detach().clone())
+        return original(hidden_states, timestep, *args, **kwargs)
+
+    monkeypatch.setattr(pipe.transformer, "forward", spy)
+    pipe("a cat", generator=_gen(), output_type="latent", **SIZE)
+    assert all(t.dtype == torch.float32 for t in seen)
+    assert sorted({float(t[0]) for t in seen}) == [0.0, 625.0, 833.0, 938.0, 1000.0]

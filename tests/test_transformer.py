@@ -200,3 +200,11 @@ def test_flex_block_mask_matches_sdpa_forward():
         except Exception as err:  # pragma: no cover - depends on the CPU flex build
             pytest.skip(f"flex attention does not run on this CPU build: {err}")
     torch.testing.assert_close(flex, sdpa, rtol=1e-4, atol=1e-4)
+
+
+def test_half_precision_timesteps_are_rejected():
+    """bf16 cannot represent 938 (it becomes 936): the model refuses it instead of sampling at the wrong time."""
+    model = tiny_causal_transformer()
+    x, clean, text, _ = _inputs(3, torch.float32)
+    with pytest.raises(ValueError, match="938 becomes 936"):
+        model(x, torch.full((B,), 938.0, dtype=torch.bfloat16), text)

@@ -69,14 +69,58 @@ def _apply_rotary_emb(hidden_states: torch.Tensor, freqs_cos: torch.Tensor, freq
 class CausalWanAttnProcessor:
     """Stateless attention processor for both attentions of a :class:`CausalWanTransformerBlock`.
 
-    Self-attention: optional dense bool mask (SDPA, CPU) or flex ``BlockMask`` (GPU), optional KV cache layer
-    (keys/values of visible history are prepended; the current chunk's post-RoPE K/V are written afterwards).
-    Cross-attention: text K/V come from the cache layer when present (computed once per prompt).
+    The math is split in pieces the block calls directly, so that the pointwise-heavy parts can be compiled with
+    static shapes while the part whose shape changes with the chunk position (gathering cached K/V) stays eager:
+
+    - :meth:`project_qkv`: self-attention Q/K/V + RMSNorm + RoPE;
+    - :meth:`attend`: prepend the visible cached K/V, attention (dense bool mask -> SDPA, ``BlockMask`` -> flex),
+      then write the chunk's post-RoPE K/V into the cache when asked;
+    - :meth:`text_kv` / :meth:`cross_attend`: cross-attention with text K/V computed once per prompt.
+
     ``_attention_backend`` is configuration (``model.set_attention_backend``), not per-call state.
     """
 
     _attention_backend = None
     _parallel_config = None
+
+    @staticmethod
+    def project_qkv(attn: WanAttention, hidden_states: torch.Tensor, rotary_emb=None):
+        query, key, value = _get_qkv_projections(attn, hidden_states, None)
+        query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
+        key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+        if rotary_emb is not None:
+            query = _apply_rotary_emb(query, *rotary_emb)
+            key = _apply_rotary_emb(key, *rotary_emb)
+        return query, key, value
+
+    def attend(self, query, key, value, attention_mask=None, kv_cache: KVCacheLayer | None = None,
+               update_cache: bool = False) -> torch.Tensor:
+        """``[B, L, H, D]`` tensors -> attention output ``[B, L, H * D]`` (before the output projection)."""
+        full_key, full_value = (key, value) if kv_cache is None else kv_cache.extend(key, value)
+        if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+            out = _flex_attention(query, full_key, full_value, attention_mask)
+        else:
+            out = dispatch_attention_fn(
+                query, full_key, full_value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
+                backend=self._attention_backend,
+            )
+        if kv_cache is not None and update_cache:
+            kv_cache.write(key, value)
+        return out.flatten(2, 3).type_as(query)
+
+    @staticmethod
+    def text_kv(attn: WanAttention, encoder_hidden_states: torch.Tensor):
+        key = attn.norm_k(attn.to_k(encoder_hidden_states)).unflatten(2, (attn.heads, -1))
+        value = attn.to_v(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+        return key, value
+
+    def cross_attend(self, attn: WanAttention, hidden_states, key, value) -> torch.Tensor:
+        query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
+        out = dispatch_attention_fn(
+            query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, backend=self._attention_backend
+        )
+        return attn.to_out[1](attn.to_out[0](out.flatten(2, 3).type_as(query)))
 
     def __call__(
         self,
@@ -89,44 +133,45 @@ class CausalWanAttnProcessor:
         update_cache: bool = False,
     ) -> torch.Tensor:
         if attn.is_cross_attention:
-            return self._cross_attention(attn, hidden_states, encoder_hidden_states, kv_cache)
-
-        query, key, value = _get_qkv_projections(attn, hidden_states, None)
-        query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
-        key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
-        value = value.unflatten(2, (attn.heads, -1))
-        if rotary_emb is not None:
-            query = _apply_rotary_emb(query, *rotary_emb)
-            key = _apply_rotary_emb(key, *rotary_emb)
-
-        full_key, full_value = (key, value) if kv_cache is None else kv_cache.extend(key, value)
-        if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
-            out = _flex_attention(query, full_key, full_value, attention_mask)
-        else:
-            out = dispatch_attention_fn(
-                query, full_key, full_value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
-                backend=self._attention_backend,
-            )
-        if kv_cache is not None and update_cache:
-            kv_cache.write(key, value)
-        out = out.flatten(2, 3).type_as(query)
+            return self.cross_attend(attn, hidden_states, *self.text_kv(attn, encoder_hidden_states))
+        query, key, value = self.project_qkv(attn, hidden_states, rotary_emb)
+        out = self.attend(query, key, value, attention_mask, kv_cache, update_cache)
         return attn.to_out[1](attn.to_out[0](out))
 
-    def _cross_attention(self, attn, hidden_states, encoder_hidden_states, kv_cache):
-        query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
-        key, value = kv_cache.text() if kv_cache is not None else (None, None)
-        if key is None:
-            if encoder_hidden_states is None:
-                raise ValueError("encoder_hidden_states is required until the KV cache holds the text K/V.")
-            key = attn.norm_k(attn.to_k(encoder_hidden_states)).unflatten(2, (attn.heads, -1))
-            value = attn.to_v(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            if kv_cache is not None:
-                kv_cache.set_text(key, value)
-        out = dispatch_attention_fn(
-            query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, backend=self._attention_backend
-        )
-        out = out.flatten(2, 3).type_as(query)
-        return attn.to_out[1](attn.to_out[0](out))
+
+def _block_pre_attention(block: "CausalWanTransformerBlock", hidden_states, temb, rotary_emb):
+    """Modulation + self-attention Q/K/V (compilable: static shapes). ``temb``: ``[B, F_mod, 6, D]``."""
+    batch, length, dim = hidden_states.shape
+    frames = temb.shape[1]
+    mod = (block.scale_shift_table.unsqueeze(0) + temb.float()).unsqueeze(3)  # [B, F_mod, 6, 1, D]
+    shift_msa, scale_msa = mod[:, :, 0], mod[:, :, 1]
+    norm = block.norm1(hidden_states.float()).view(batch, frames, length // frames, dim)
+    norm = (norm * (1 + scale_msa) + shift_msa).view(batch, length, dim).type_as(hidden_states)
+    return block.attn1.processor.project_qkv(block.attn1, norm, rotary_emb)
+
+
+def _block_post_attention(block: "CausalWanTransformerBlock", hidden_states, attn_output, temb, text_key, text_value):
+    """Gate + residual, cross-attention on text K/V, feed-forward (compilable: static shapes)."""
+    batch, length, dim = hidden_states.shape
+    frames = temb.shape[1]
+    mod = (block.scale_shift_table.unsqueeze(0) + temb.float()).unsqueeze(3)
+    gate_msa, c_shift_msa, c_scale_msa, c_gate_msa = mod[:, :, 2], mod[:, :, 3], mod[:, :, 4], mod[:, :, 5]
+
+    def per_frame(x):  # [B, L, D] -> [B, F_mod, L / F_mod, D]
+        return x.view(batch, frames, length // frames, dim)
+
+    dtype = hidden_states.dtype
+    attn_output = block.attn1.to_out[1](block.attn1.to_out[0](attn_output))
+    hidden_states = (per_frame(hidden_states.float()) + per_frame(attn_output) * gate_msa).view(batch, length, dim)
+    hidden_states = hidden_states.to(dtype)
+
+    norm = block.norm2(hidden_states.float()).type_as(hidden_states)
+    hidden_states = hidden_states + block.attn2.processor.cross_attend(block.attn2, norm, text_key, text_value)
+
+    norm = (per_frame(block.norm3(hidden_states.float())) * (1 + c_scale_msa) + c_shift_msa).view(batch, length, dim)
+    ff_output = block.ffn(norm.type_as(hidden_states))
+    out = per_frame(hidden_states.float()) + per_frame(ff_output.float()) * c_gate_msa
+    return out.view(batch, length, dim).type_as(hidden_states)
 
 
 class CausalWanTransformerBlock(WanTransformerBlock):
@@ -134,8 +179,14 @@ class CausalWanTransformerBlock(WanTransformerBlock):
     mask and an explicit KV cache layer.
 
     ``temb``: ``[B, F_mod, 6, D]``; ``F_mod`` is 1 (one timestep per sample) or the number of sequence frames
-    (per-frame timesteps), broadcast over the ``L // F_mod`` tokens of each frame.
+    (per-frame timesteps), broadcast over the ``L // F_mod`` tokens of each frame. The two static-shape halves around
+    the attention are module-level functions (:func:`_block_pre_attention`, :func:`_block_post_attention`) that
+    :meth:`CausalWanTransformer3DModel.compile_streaming` compiles once for all blocks.
     """
+
+    # Replaced by compiled versions (shared by all blocks) in CausalWanTransformer3DModel.compile_streaming().
+    _pre_attention = staticmethod(_block_pre_attention)
+    _post_attention = staticmethod(_block_post_attention)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -152,32 +203,16 @@ class CausalWanTransformerBlock(WanTransformerBlock):
         kv_cache: KVCacheLayer | None = None,
         update_cache: bool = False,
     ) -> torch.Tensor:
-        batch, length, dim = hidden_states.shape
-        frames = temb.shape[1]
-        mod = (self.scale_shift_table.unsqueeze(0) + temb.float()).unsqueeze(3)  # [B, F_mod, 6, 1, D]
-        shift_msa, scale_msa, gate_msa, c_shift_msa, c_scale_msa, c_gate_msa = mod.unbind(2)  # [B, F_mod, 1, D]
-
-        def per_frame(x):  # [B, L, D] -> [B, F_mod, L / F_mod, D]
-            return x.view(batch, frames, length // frames, dim)
-
-        # 1. Self-attention
-        norm = (per_frame(self.norm1(hidden_states.float())) * (1 + scale_msa) + shift_msa).view(batch, length, dim)
-        attn_output = self.attn1(
-            norm.type_as(hidden_states), None, attention_mask, rotary_emb, kv_cache=kv_cache, update_cache=update_cache
-        )
-        dtype = hidden_states.dtype
-        hidden_states = (per_frame(hidden_states.float()) + per_frame(attn_output) * gate_msa).view(batch, length, dim)
-        hidden_states = hidden_states.to(dtype)
-
-        # 2. Cross-attention
-        norm = self.norm2(hidden_states.float()).type_as(hidden_states)
-        hidden_states = hidden_states + self.attn2(norm, encoder_hidden_states, None, None, kv_cache=kv_cache)
-
-        # 3. Feed-forward
-        norm = (per_frame(self.norm3(hidden_states.float())) * (1 + c_scale_msa) + c_shift_msa).view(batch, length, dim)
-        ff_output = self.ffn(norm.type_as(hidden_states))
-        out = per_frame(hidden_states.float()) + per_frame(ff_output.float()) * c_gate_msa
-        return out.view(batch, length, dim).type_as(hidden_states)
+        query, key, value = self._pre_attention(self, hidden_states, temb, rotary_emb)
+        attn_output = self.attn1.processor.attend(query, key, value, attention_mask, kv_cache, update_cache)
+        text_key, text_value = kv_cache.text() if kv_cache is not None else (None, None)
+        if text_key is None:
+            if encoder_hidden_states is None:
+                raise ValueError("encoder_hidden_states is required until the KV cache holds the text K/V.")
+            text_key, text_value = self.attn2.processor.text_kv(self.attn2, encoder_hidden_states)
+            if kv_cache is not None:
+                kv_cache.set_text(text_key, text_value)
+        return self._post_attention(self, hidden_states, attn_output, temb, text_key, text_value)
 
 
 class CausalWanTransformer3DModel(WanTransformer3DModel):
@@ -247,6 +282,17 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
                 for _ in range(num_layers)
             ]
         )
+
+    # ------------------------------------------------------------------ speed
+    def compile_streaming(self, **compile_kwargs) -> None:
+        """Regional ``torch.compile``: the two static-shape halves of every block (modulation, QKV, RoPE / gates,
+        cross-attention, FFN) are compiled once and shared by all blocks; the KV-cache gather and the attention call,
+        whose shapes change with the chunk position, stay eager, so streaming never recompiles per position."""
+        pre = torch.compile(_block_pre_attention, **compile_kwargs)
+        post = torch.compile(_block_post_attention, **compile_kwargs)
+        for block in self.blocks:
+            block._pre_attention = pre
+            block._post_attention = post
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -373,6 +419,11 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
             positions: RoPE temporal index of each sequence frame.
         Returns ``[B, C_out, F_seq, H, W]``.
         """
+        if frame_timesteps.dtype in (torch.bfloat16, torch.float16):
+            raise ValueError(
+                f"timesteps in {frame_timesteps.dtype} lose precision (938 becomes 936 in bf16); pass them as float32 "
+                "(or integers): the sinusoidal embedding is computed in float32 anyway."
+            )
         batch, _, frames, height, width = latents.shape
         _, p_h, p_w = self.config.patch_size
         pph, ppw = height // p_h, width // p_w

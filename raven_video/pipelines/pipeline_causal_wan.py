@@ -47,7 +47,7 @@ class StreamChunk:
         latents: the chunk's clean latents ``[B, 16, f, h, w]`` (normalised, as produced by the transformer).
         frame_start: index of the chunk's first pixel frame in the video.
         prompt: the prompt(s) in force for this chunk.
-        seconds: wall time spent on this chunk (denoising + cache pass + decode).
+        seconds: wall time since the previous chunk was yielded (the first: since the stream started).
     """
 
     index: int
@@ -57,6 +57,41 @@ class StreamChunk:
     prompt: list[str] | None
     seconds: float = 0.0
     trajectory: list[torch.Tensor] = field(default_factory=list)
+
+
+class _ChunkDecoder:
+    """Streaming VAE decode of each chunk, optionally on a side CUDA stream (``submit`` returns at once; ``result``
+    waits for that chunk only)."""
+
+    def __init__(self, vae, video_processor, output_type, stream=None):
+        self.decoder = StreamingWanDecoder(vae)
+        self.vae, self.video_processor, self.output_type, self.stream = vae, video_processor, output_type, stream
+
+    @property
+    def overlaps(self) -> bool:
+        return self.stream is not None
+
+    def submit(self, clean: torch.Tensor):
+        if self.stream is None:
+            return self.decoder.decode_chunk(clean.to(self.vae.dtype))  # [B, 3, F_px, H, W] in [-1, 1]
+        ready = torch.cuda.Event()
+        ready.record()
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(ready)
+            clean.record_stream(self.stream)
+            pixels = self.decoder.decode_chunk(clean.to(self.vae.dtype))
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        return pixels, done
+
+    def result(self, handle):
+        if self.stream is not None:
+            pixels, done = handle
+            done.synchronize()
+            pixels.record_stream(torch.cuda.current_stream(pixels.device))
+        else:
+            pixels = handle
+        return self.video_processor.postprocess_video(pixels, output_type=self.output_type)
 
 
 def consistency_scheduler_sigmas(timesteps, shift: float, num_train_timesteps: int = 1000) -> list[float]:
@@ -183,10 +218,71 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         self.scheduler.set_begin_index(0)
         return torch.tensor(self.config.denoising_timesteps, dtype=torch.float32, device=device)
 
+    def _consistency_step(self, velocity, sample, k, noise):
+        """``FlowMatchLCMScheduler.step`` arithmetic with the noise given (spec §1.4): ``x0 = z - sigma_k v``,
+        ``z' = (1 - sigma_{k+1}) x0 + sigma_{k+1} eps`` in fp32; at the last step ``z' = x0``."""
+        sigma, sigma_next = self.scheduler.sigmas[k], self.scheduler.sigmas[k + 1]
+        x0 = sample.to(torch.float32) - sigma * velocity.float()
+        return (1 - sigma_next) * x0 + sigma_next * noise
+
+    @staticmethod
+    def _step_noise(shape, steps, generator, device):
+        """The chunk's per-step noise, drawn in the order ``FlowMatchLCMScheduler.step`` would draw it, moved to the
+        device in one non-blocking copy (a CPU generator would otherwise force a host sync at every step)."""
+        first = generator[0] if isinstance(generator, list) else generator
+        draw_device = first.device if first is not None else device
+        noise = torch.stack(
+            [randn_tensor(shape, generator=generator, device=draw_device, dtype=torch.float32) for _ in range(steps)]
+        )
+        if noise.device != torch.device(device):
+            if torch.device(device).type == "cuda":
+                noise = noise.pin_memory().to(device, non_blocking=True)
+            else:
+                noise = noise.to(device)
+        return noise
+
+    def _decode_stream(self, device):
+        if getattr(self, "_overlap_decode", False) and torch.device(device).type == "cuda":
+            if getattr(self, "_side_stream", None) is None:
+                self._side_stream = torch.cuda.Stream(device=device)
+            return self._side_stream
+        return None
+
+    # ------------------------------------------------------------------ real time
+    def enable_realtime(
+        self,
+        compile: bool = True,
+        overlap_decode: bool = True,
+        attention_backend: str | None = None,
+        cudnn_benchmark: bool = True,
+        **compile_kwargs,
+    ) -> "CausalWanPipeline":
+        """Turn on the fast streaming path (outputs equal the eager path up to kernel numerics; see BENCHMARKS.md).
+
+        Args:
+            compile: ``torch.compile`` the static-shape halves of every transformer block (regional compile, one
+                graph shared by all blocks; the KV-cache gather and attention stay eager, so no recompilation per
+                chunk position). ``compile_kwargs`` go to ``torch.compile`` (e.g. ``mode=...``, ``backend=...``).
+            overlap_decode: decode each chunk on a second CUDA stream while the next chunk's transformer work runs
+                (the first chunk is still yielded as soon as it is decoded).
+            attention_backend: a diffusers attention backend for the streaming attention (e.g. ``"_native_cudnn"``,
+                ``"flash"``, ``"_flash_3_hub"``), see ``diffusers.models.attention_dispatch``.
+            cudnn_benchmark: set ``torch.backends.cudnn.benchmark = True`` (process-wide) so the VAE's 3-D
+                convolutions use the fastest algorithm.
+        """
+        if compile:
+            self.transformer.compile_streaming(**compile_kwargs)
+        if attention_backend is not None:
+            self.transformer.set_attention_backend(attention_backend)
+        if cudnn_benchmark:
+            torch.backends.cudnn.benchmark = True
+        self._overlap_decode = overlap_decode
+        return self
+
     def _predict(self, latents, t, text, cache, frame_offset, guidance_scale):
         """Flow prediction for one chunk; CFG as ``neg + w (pos - neg)`` (spec §10.12) on a ``[neg; pos]`` batch."""
         model_in = torch.cat([latents, latents]) if guidance_scale > 1.0 else latents
-        timestep = t.expand(model_in.shape[0]).to(self.transformer.dtype)
+        timestep = t.expand(model_in.shape[0])  # fp32: bf16 would turn 938 into 936
         v = self.transformer(
             model_in.to(self.transformer.dtype), timestep, text, kv_cache=cache, frame_offset=frame_offset
         ).sample
@@ -197,7 +293,7 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
 
     def _cache_pass(self, clean, text, cache, frame_offset, guidance_scale):
         model_in = torch.cat([clean, clean]) if guidance_scale > 1.0 else clean
-        zero = torch.zeros(model_in.shape[0], dtype=self.transformer.dtype, device=clean.device)
+        zero = torch.zeros(model_in.shape[0], dtype=torch.float32, device=clean.device)
         self.transformer(
             model_in.to(self.transformer.dtype), zero, text, kv_cache=cache, frame_offset=frame_offset,
             update_cache=True,
@@ -302,15 +398,27 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             text.shape[0], lh, lw, max_frames=latent_frames if window == -1 else None,
             local_attn_size=local_attn_size, sink_size=sink_size, device=device,
         )
-        decoder = StreamingWanDecoder(self.vae) if output_type != "latent" else None
+        decoder = None
+        if output_type != "latent":
+            decoder = _ChunkDecoder(self.vae, self.video_processor, output_type, self._decode_stream(device))
         history = torch.zeros_like(latents)
         timesteps = self._set_scheduler(device)
         steps = len(timesteps)
 
+        last_yield = time.perf_counter()
+        pending = None  # a chunk whose decode runs on the side stream while the next chunk's DiT work is queued
+
+        def finish(chunk):
+            nonlocal last_yield
+            if decoder is not None:
+                chunk.frames = decoder.result(chunk.frames)
+            now = time.perf_counter()
+            chunk.seconds, last_yield = now - last_yield, now
+            return chunk
+
         with self.progress_bar(total=len(sizes) * steps) as progress:
-            start, carry = 0, 0.0
+            start = 0
             for index, n in enumerate(sizes):
-                tic = time.perf_counter() - carry
                 if prompt_schedule and index in prompt_schedule:
                     current_prompt = [prompt_schedule[index]]
                     text = self._encode(current_prompt, negative_prompt, guidance_scale, num_videos_per_prompt,
@@ -318,32 +426,34 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                     cache.reset_text()
                     if recache_on_switch:
                         self._recache(cache, history[:, :, :start], text, guidance_scale)
-                self._set_scheduler(device)
                 z = latents[:, :, start : start + n]
+                noise = self._step_noise(z.shape, steps, generator, device)  # drawn up front: no sync per step
                 trajectory = []
                 for k in range(steps):
                     if return_trajectory:
                         trajectory.append(z.clone())
                     v = self._predict(z, timesteps[k], text if not cache.has_text else None, cache, start,
                                       guidance_scale)
-                    z = self.scheduler.step(v.float(), self.scheduler.timesteps[k], z, generator=generator).prev_sample
+                    z = self._consistency_step(v, z, k, noise[k])
                     progress.update()
-                clean = z.float()
+                clean = z
                 history[:, :, start : start + n] = clean
-                frames = None
-                if decoder is not None:
-                    pixels = decoder.decode_chunk(clean.to(self.vae.dtype))  # [B, 3, F_px, H, W] in [-1, 1]
-                    frames = self.video_processor.postprocess_video(pixels, output_type=output_type)
+                if pending is not None:
+                    yield finish(pending)
+                    pending = None
                 pixel_start = 0 if index == 0 else (start - 1) * self.vae_scale_factor_temporal + 1
-                # Yield before the cache pass: the frames reach the consumer one DiT forward earlier; the cache pass
-                # runs when the next chunk is requested (its time counts towards that chunk).
-                yield StreamChunk(index, frames, clean, pixel_start, current_prompt, time.perf_counter() - tic,
-                                  trajectory)
-                tic = time.perf_counter()
+                chunk = StreamChunk(index, decoder.submit(clean) if decoder else None, clean, pixel_start,
+                                    current_prompt, 0.0, trajectory)
+                if decoder is not None and decoder.overlaps and index > 0:
+                    pending = chunk  # yielded after the next chunk's DiT work is queued
+                else:
+                    yield finish(chunk)  # the first chunk goes out at once (latency)
+                # The cache pass of chunk c is only needed by chunk c + 1: it runs after the frames went out.
                 if index < len(sizes) - 1:
                     self._cache_pass(clean, text if not cache.has_text else None, cache, start, guidance_scale)
                 start += n
-                carry = time.perf_counter() - tic
+            if pending is not None:
+                yield finish(pending)
         self.maybe_free_model_hooks()
 
     @torch.no_grad()

@@ -102,7 +102,7 @@ def critic_loss(critic, endpoints: torch.Tensor, text: torch.Tensor, generator, 
     t_f = sample_score_timesteps(batch, generator=generator).to(endpoints.device)
     noise = _randn(endpoints.shape, generator, endpoints.device)
     x_t = add_noise(endpoints, noise, _sigma(t_f).flatten())
-    v = critic(x_t.to(_dtype(critic)), t_f.to(_dtype(critic)), text.to(_dtype(critic))).sample
+    v = critic(x_t.to(_dtype(critic)), t_f.float(), text.to(_dtype(critic))).sample
     loss = flow_matching_critic_loss(v, noise, endpoints)
     per_element = (v.detach().float() - (noise - endpoints)) ** 2
     logs = {"critic_t": float(t_f.float().mean())}
@@ -115,15 +115,15 @@ def critic_loss(critic, endpoints: torch.Tensor, text: torch.Tensor, generator, 
 def _x0_predictions(critic, teacher, z_s, s, text, negative_text, guidance_scale) -> tuple:
     """``f`` = critic x0 at ``(z_s, s)``; ``r`` = teacher x0 with CFG ``neg + w (pos - neg)`` (one merged batch)."""
     sigma = _sigma(s)
-    v_fake = critic(z_s.to(_dtype(critic)), s.to(_dtype(critic)), text.to(_dtype(critic))).sample.float()
+    v_fake = critic(z_s.to(_dtype(critic)), s.float(), text.to(_dtype(critic))).sample.float()
     t_dtype = _dtype(teacher)
     if guidance_scale != 1.0:
         batch_in = torch.cat([z_s, z_s]).to(t_dtype)
-        v_neg, v_pos = teacher(batch_in, torch.cat([s, s]).to(t_dtype),
+        v_neg, v_pos = teacher(batch_in, torch.cat([s, s]).float(),
                                torch.cat([negative_text, text]).to(t_dtype)).sample.float().chunk(2)
         v_real = cfg_combine(v_pos, v_neg, guidance_scale)
     else:
-        v_real = teacher(z_s.to(t_dtype), s.to(t_dtype), text.to(t_dtype)).sample.float()
+        v_real = teacher(z_s.to(t_dtype), s.float(), text.to(t_dtype)).sample.float()
     return z_s - sigma * v_fake, z_s - sigma * v_real
 
 

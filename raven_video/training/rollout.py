@@ -67,17 +67,24 @@ class Rollout:
     timesteps: tuple
 
 
-def _sampling_pipeline(transformer, timesteps):
+def _sampling_pipeline(transformer, timesteps, scheduler=None):
     """A component-less :class:`CausalWanPipeline` (no text encoder / VAE) around ``transformer``."""
     from diffusers import FlowMatchLCMScheduler
 
     from ..pipelines.pipeline_causal_wan import CausalWanPipeline
 
     pipe = CausalWanPipeline(
-        tokenizer=None, text_encoder=None, vae=None, scheduler=FlowMatchLCMScheduler(shift=5.0),
+        tokenizer=None, text_encoder=None, vae=None, scheduler=scheduler or FlowMatchLCMScheduler(shift=5.0),
         transformer=transformer, denoising_timesteps=list(timesteps),
     )
     pipe.set_progress_bar_config(disable=True)
+    if hasattr(scheduler, "transition"):
+        # a non-consistency sampler (CM-GRPO's Euler-Maruyama baseline): the pipeline's per-step update
+        # ``z' = step(v, z, k, eps)`` with the noise it draws up front becomes the scheduler's transition
+        def step(velocity, sample, k, noise):
+            return scheduler.transition(velocity, sample, scheduler.sigmas[k], scheduler.sigmas[k + 1], noise)
+
+        pipe._consistency_step = step
     return pipe
 
 
@@ -91,6 +98,7 @@ def self_rollout(
     guidance_scale: float = 1.0,
     negative_text: Optional[torch.Tensor] = None,
     latents: Optional[torch.Tensor] = None,
+    scheduler=None,
 ) -> Rollout:
     """Streaming self-rollout of the student (spec Appendix B.1; B.2 step 1), under ``no_grad``.
 
@@ -103,6 +111,8 @@ def self_rollout(
         guidance_scale: student CFG ``neg + w(pos - neg)``; 1 = unguided (default, spec §10.1); >1 reproduces the
             reference's guided rollouts and needs ``negative_text``.
         latents: optional initial noise ``[B, C, F, H, W]`` (else drawn from ``generator``).
+        scheduler: the sampler step (default ``FlowMatchLCMScheduler(shift=5)``, the consistency sampler of §1.4);
+            CM-GRPO's Euler-Maruyama baseline passes its SDE scheduler so rollouts sample the trained kernel.
     Returns:
         :class:`Rollout` with the trajectory ``[K, B, C, F, H, W]`` and the endpoints ``[B, C, F, H, W]``.
     """
@@ -113,7 +123,7 @@ def self_rollout(
         raise ValueError(f"rollout guidance_scale={guidance_scale} > 1 needs negative_text (the negative prompt).")
     was_training = transformer.training
     transformer.eval()
-    pipe = _sampling_pipeline(transformer, timesteps)
+    pipe = _sampling_pipeline(transformer, timesteps, scheduler)
     try:
         chunks = list(
             pipe.stream(
@@ -212,7 +222,7 @@ def generator_prediction(
         else:
             clean = _wide(data_latents.to(device))
             noisy = (1 - _sigma(u, clean)) * clean + _sigma(u, clean) * _noise_like(clean, generator)
-        v = model.forward_interleaved(noisy.to(dtype), clean.to(dtype), u.to(dtype), text.to(dtype))
+        v = model.forward_interleaved(noisy.to(dtype), clean.to(dtype), u.float(), text.to(dtype))
         return noisy - _sigma(u, noisy) * _wide(v), u
 
     if history == "self_forcing":
@@ -224,7 +234,7 @@ def generator_prediction(
     frame_t = _per_chunk_timesteps(sizes, rollout.timesteps, batch, generator, device)  # [B, F]
     sigma = _sigma(frame_t, source)
     noisy = (1 - sigma) * source + sigma * _noise_like(source, generator)
-    v = transformer(noisy.to(dtype), frame_t.to(dtype), text.to(dtype), causal=True).sample
+    v = transformer(noisy.to(dtype), frame_t.float(), text.to(dtype), causal=True).sample
     return noisy - sigma * _wide(v), frame_t
 
 
@@ -238,7 +248,7 @@ def _self_forcing_prediction(model, noisy: torch.Tensor, u: torch.Tensor, text: 
     outputs, start = [], 0
     for index, n in enumerate(sizes):
         z = noisy[:, :, start : start + n]
-        v = model(z.to(dtype), u.to(dtype), text, kv_cache=cache, frame_offset=start).sample
+        v = model(z.to(dtype), u.float(), text, kv_cache=cache, frame_offset=start).sample
         x0 = z - sigma * _wide(v)
         outputs.append(x0)
         if index < len(sizes) - 1:
