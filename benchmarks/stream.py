@@ -72,7 +72,9 @@ def main():
     p.add_argument("--width", type=int, default=832)
     p.add_argument("--vae_dtype", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--mode", default="eager")
+    p.add_argument("--mode", default="eager",
+                   help="eager | realtime (pipe.enable_realtime()) | realtime-nooverlap | realtime-cudnn-attn")
+    p.add_argument("--compile_mode", default=None, help="torch.compile mode for the realtime modes")
     args = p.parse_args()
     if args.tiny:
         args.num_frames, args.height, args.width, args.repeats = 33, 64, 96, 1
@@ -83,13 +85,34 @@ def main():
     text_dim = pipe.transformer.config.text_dim
     text = torch.randn(1, 512, text_dim, device=device, dtype=dtype)
 
-    run_once(pipe, text, args, device, "pt")  # warm-up (allocator, kernels, cuDNN autotune)
+    eager_latents = None
+    if args.mode != "eager":
+        # reference output of the eager path, for the equality check of the optimised path
+        eager_latents = torch.cat([c.latents for c in pipe.stream(
+            prompt_embeds=text, num_frames=args.num_frames, height=args.height, width=args.width,
+            generator=torch.Generator(device="cpu").manual_seed(0), output_type="latent")], dim=2)
+        kwargs = {"mode": args.compile_mode} if args.compile_mode else {}
+        pipe.enable_realtime(
+            overlap_decode=args.mode != "realtime-nooverlap",
+            attention_backend="_native_cudnn" if args.mode == "realtime-cudnn-attn" else None,
+            **kwargs,
+        )
+    tic = time.perf_counter()
+    run_once(pipe, text, args, device, "pt")  # warm-up (allocator, kernels, cuDNN autotune, compilation)
+    warmup_s = time.perf_counter() - tic
+    run_once(pipe, text, args, device, "pt")
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     runs = [run_once(pipe, text, args, device, "pt") for _ in range(args.repeats)]
     best = min(runs, key=lambda r: r[0])
     dit_only = min(run_once(pipe, text, args, device, "latent")[0] for _ in range(args.repeats))
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+    max_diff = None
+    if eager_latents is not None:
+        fast = torch.cat([c.latents for c in pipe.stream(
+            prompt_embeds=text, num_frames=args.num_frames, height=args.height, width=args.width,
+            generator=torch.Generator(device="cpu").manual_seed(0), output_type="latent")], dim=2)
+        max_diff = (fast - eager_latents).abs().max().item()
 
     from raven_video.eval.speed import floor_seconds, stream_flops
 
@@ -121,6 +144,8 @@ def main():
         "vae_and_overhead_s": round(best[0] - dit_only, 4),
         "all_runs_s": [round(r[0], 4) for r in runs],
         "peak_mem_gb": round(peak, 2) if peak is not None else None,
+        "warmup_s": round(warmup_s, 2),
+        "max_abs_diff_vs_eager_latents": max_diff,
         "flops": flops.as_dict(),
         "floor_s_at_800_tflops": round(floor, 4),
         "floor_ratio": round(floor / best[0], 3),

@@ -42,6 +42,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                    help="Transformer/text-encoder dtype (auto: bf16 on CUDA, fp32 on CPU; the VAE stays fp32).")
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available).")
+    p.add_argument("--eager", action="store_true",
+                   help="With --stream on CUDA, skip the real-time path (pipe.enable_realtime(): regional "
+                        "torch.compile + VAE decode overlapped on a second stream). The first chunk then pays no "
+                        "compilation time.")
     p.add_argument("--revision", default=None, help="Hub revision for --model.")
     return p.parse_args(argv)
 
@@ -140,6 +144,9 @@ def main(argv=None) -> list[str]:
     from ..utils.video_io import AtomicVideoWriter
 
     pipe = load_pipeline(args)
+    if args.stream and not args.eager and pipe.device.type == "cuda":
+        logger.info("Real-time path on: the first video includes torch.compile time (warm-up); use --eager to skip.")
+        pipe.enable_realtime()
     fps = args.fps or pipe.config.fps
     window = dict(local_attn_size=args.local_attn_size, sink_size=args.sink_size)
     # Validate against the loaded model before generating anything.
