@@ -50,31 +50,38 @@ def time_full_size(device, checkpointing, repeats=3):
     text = torch.randn(1, 512, 4096, device=device)
     u = torch.tensor([833.0], device=device)
     times = []
-    torch.cuda.reset_peak_memory_stats()
     for _ in range(repeats + 1):
         model.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() / 2**30
         tic = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             y = model.forward_interleaved(noisy, clean, u, text)
+        torch.cuda.synchronize()
+        forward_peak = torch.cuda.max_memory_allocated() / 2**30
+        after_forward = torch.cuda.memory_allocated() / 2**30
         y.float().square().mean().backward()
         torch.cuda.synchronize()
         times.append(time.perf_counter() - tic)
     peak = torch.cuda.max_memory_allocated() / 2**30
     del model
     torch.cuda.empty_cache()
-    return {"fwd_bwd_s": round(min(times[1:]), 3), "first_call_s": round(times[0], 2), "peak_mem_gb": round(peak, 2)}
+    return {"fwd_bwd_s": round(min(times[1:]), 3), "first_call_s": round(times[0], 2), "peak_mem_gb": round(peak, 2),
+            "weights_and_inputs_gb": round(base, 2), "forward_peak_gb": round(forward_peak, 2),
+            "saved_for_backward_gb": round(after_forward - base, 2)}
 
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--skip_full", action="store_true")
+    p.add_argument("--checkpointing_only", action="store_true")
     args = p.parse_args()
     device = "cuda"
     result = {"benchmark": "interleaved_forward", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
     result.update(check_flex_equals_sdpa(device))
     if not args.skip_full:
-        for ckpt in (True, False):
+        for ckpt in ((True,) if args.checkpointing_only else (True, False)):
             try:
                 result[f"full_size_checkpointing_{ckpt}"] = time_full_size(device, ckpt)
             except torch.OutOfMemoryError as err:

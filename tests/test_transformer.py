@@ -208,3 +208,28 @@ def test_half_precision_timesteps_are_rejected():
     x, clean, text, _ = _inputs(3, torch.float32)
     with pytest.raises(ValueError, match="938 becomes 936"):
         model(x, torch.full((B,), 938.0, dtype=torch.bfloat16), text)
+
+
+@pytest.mark.parametrize("frames,first,window,sink,tpf", [(9, 3, -1, 0, 100), (10, 1, -1, 0, 130), (15, 3, 9, 3, 64),
+                                                           (21, 3, -1, 0, 195)])
+def test_block_mask_built_from_block_summaries_equals_create_block_mask(frames, first, window, sink, tpf):
+    """Our BlockMask (no dense materialisation: 27 GiB at full size) equals flex's create_block_mask exactly."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from raven_video.models.attention_layout import flex_block_mask
+
+    for layout in (FrameLayout.interleaved(frames, 3, first, window, sink),
+                   FrameLayout.block_causal(frames, 3, first, window, sink)):
+        ours = flex_block_mask(layout, tpf, torch.device("cpu"))
+        fm, length = layout.frame_mask(), layout.num_frames * tpf
+        ref = create_block_mask(lambda b, h, q, k: fm[q // tpf, k // tpf], None, None, length, length, device="cpu")
+        assert torch.equal(ours.to_dense(), ref.to_dense())
+        assert torch.equal(ours.kv_num_blocks, ref.kv_num_blocks)
+        assert torch.equal(ours.full_kv_num_blocks, ref.full_kv_num_blocks)
+        n = int(ours.kv_num_blocks.max())
+        for a, b, num in ((ours.kv_indices, ref.kv_indices, ours.kv_num_blocks),
+                          (ours.full_kv_indices, ref.full_kv_indices, ours.full_kv_num_blocks)):
+            for row in range(num.shape[-1]):
+                k = int(num[0, 0, row])
+                assert sorted(a[0, 0, row, :k].tolist()) == sorted(b[0, 0, row, :k].tolist())
+        assert n > 0

@@ -185,18 +185,47 @@ def sdpa_token_mask(layout: FrameLayout, tokens_per_frame: int, device: torch.de
 
 
 @functools.lru_cache(maxsize=16)
-def flex_block_mask(layout: FrameLayout, tokens_per_frame: int, device: torch.device):
-    """flex-attention ``BlockMask`` for the layout (GPU training path), built eagerly outside compiled code."""
-    from torch.nn.attention.flex_attention import create_block_mask
+def flex_block_mask(layout: FrameLayout, tokens_per_frame: int, device: torch.device, block_size: int = 128):
+    """flex-attention ``BlockMask`` for the layout (GPU training path), built outside compiled code.
+
+    Built from 128x128 block summaries instead of ``create_block_mask``, which materialises the dense mask (and its
+    int64 indices: 27 GiB for the 60 840-token interleaved sequence). A block covers whole frame ranges on both
+    axes (every frame it touches has a token in it), so "some / all pairs allowed" is exactly a rectangle sum of the
+    frame mask (2-D prefix sums). Partial blocks are resolved by ``mask_mod`` inside the kernel.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
 
     fm = layout.frame_mask()
     if fm is None:
         return None
+    length = layout.num_frames * tokens_per_frame
+    blocks = -(-length // block_size)
+    first = torch.arange(blocks) * block_size
+    last = torch.clamp(first + block_size, max=length) - 1
+    f0, f1 = first // tokens_per_frame, last // tokens_per_frame  # frames touched by each block: [f0, f1]
+    prefix = torch.zeros(fm.shape[0] + 1, fm.shape[1] + 1, dtype=torch.int64)
+    prefix[1:, 1:] = fm.long().cumsum(0).cumsum(1)
+    qa, qb = f0[:, None], f1[:, None] + 1
+    ka, kb = f0[None, :], f1[None, :] + 1
+    allowed = prefix[qb, kb] - prefix[qa, kb] - prefix[qb, ka] + prefix[qa, ka]  # [blocks, blocks]
+    pairs = (qb - qa) * (kb - ka)
+    full = allowed == pairs
+    if length % block_size:  # blocks holding the padded tail stay partial (as create_block_mask marks them)
+        full[-1, :] = False
+        full[:, -1] = False
+    partial = (allowed > 0) & ~full
+
+    def indices(selected):  # selected blocks first, in ascending order
+        order = torch.argsort((~selected).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        return selected.sum(-1).to(torch.int32)[None, None].to(device), order[None, None].to(device)
+
     frame_mask = fm.to(device)
-    tpf = tokens_per_frame
+    tpf, last_frame = tokens_per_frame, fm.shape[0] - 1
 
-    def mask_mod(b, h, q_idx, kv_idx):
-        return frame_mask[q_idx // tpf, kv_idx // tpf]
+    def mask_mod(b, h, q_idx, kv_idx):  # padded positions are clamped to the last frame (they are masked anyway)
+        return frame_mask[torch.clamp(q_idx // tpf, max=last_frame), torch.clamp(kv_idx // tpf, max=last_frame)]
 
-    length = layout.num_frames * tpf
-    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=length, KV_LEN=length, device=device)
+    kv_num, kv_idx = indices(partial)
+    full_num, full_idx = indices(full)
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block_size, mask_mod=mask_mod,
+                                    seq_lengths=(length, length))
