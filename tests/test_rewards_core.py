@@ -151,3 +151,11 @@ def test_composer_end_to_end_and_errors():
     with pytest.raises(ValueError, match="group_ids has 3 entries"):
         comp.aggregate({"proxy_motion": torch.ones(2), "proxy_smoothness": torch.ones(2)}, group_ids=[0, 1, 2])
     assert not math.isnan(float(comp.aggregate({"proxy_motion": torch.ones(1), "proxy_smoothness": torch.ones(1)})))
+
+
+def test_brightness_proxy():
+    from raven_video.rewards import Brightness
+
+    videos = torch.stack([torch.full((3, 3, 8, 8), 255, dtype=torch.uint8), torch.zeros(3, 3, 8, 8, dtype=torch.uint8)])
+    out = Brightness()(videos)["proxy_brightness"]
+    assert torch.allclose(out, torch.tensor([1.0, 0.0]), atol=1e-6)

@@ -347,6 +347,7 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         local_attn_size: int | None = None,
         sink_size: int | None = None,
         return_trajectory: bool = False,
+        sampler_step=None,
     ) -> Iterator[StreamChunk]:
         r"""Generate chunk by chunk, yielding decoded frames as soon as each chunk is done.
 
@@ -361,6 +362,9 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             local_attn_size, sink_size (`int`, *optional*): LongLive-style window/sink (latent frames) overriding the
                 transformer config, for streams longer than the training length (RoPE limit: 1024 latent frames).
             return_trajectory (`bool`): also record each chunk's pre-step noisy inputs (for training rollouts).
+            sampler_step (`Callable`, *optional*): ``(velocity, sample, k, noise) -> next sample`` replacing the
+                consistency step (e.g. CM-GRPO's Euler-Maruyama baseline kernel); ``noise`` is the step's fresh
+                Gaussian noise, drawn as for the consistency step.
 
         Yields:
             :class:`StreamChunk` per chunk.
@@ -434,7 +438,7 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                         trajectory.append(z.clone())
                     v = self._predict(z, timesteps[k], text if not cache.has_text else None, cache, start,
                                       guidance_scale)
-                    z = self._consistency_step(v, z, k, noise[k])
+                    z = (sampler_step or self._consistency_step)(v, z, k, noise[k])
                     progress.update()
                 clean = z
                 history[:, :, start : start + n] = clean

@@ -23,6 +23,7 @@ _LAZY = {
     "TemporalFlicker": "proxies",
     "BlendSmoothness": "proxies",
     "SharpnessDrift": "proxies",
+    "Brightness": "proxies",
     "RewardComposer": "composer",
     "parse_reward_weights": "composer",
     "normalize_per_group": "composer",

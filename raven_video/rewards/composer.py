@@ -47,6 +47,7 @@ REWARD_FIELDS: Dict[str, tuple] = {
     "proxy_flicker": ("proxy_flicker",),
     "proxy_smoothness": ("proxy_smoothness",),
     "proxy_sharpness_drift": ("proxy_sharpness_drift",),
+    "proxy_brightness": ("proxy_brightness",),
 }
 _FIELD_TO_REWARD = {field: reward for reward, fields in REWARD_FIELDS.items() for field in fields}
 
@@ -174,6 +175,7 @@ def build_reward(name: str, checkpoints: Optional[Mapping[str, object]] = None, 
         "proxy_flicker": proxies.TemporalFlicker,
         "proxy_smoothness": proxies.BlendSmoothness,
         "proxy_sharpness_drift": proxies.SharpnessDrift,
+        "proxy_brightness": proxies.Brightness,
     }
     if name in proxy_classes:
         return proxy_classes[name](device=device, **kwargs)

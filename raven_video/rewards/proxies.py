@@ -11,6 +11,8 @@ these exact VBench-style statistics on tensors).
   (1 = no change; higher = steadier).
 * ``proxy_smoothness`` - AMT-free motion smoothness: odd frames predicted as the mean of their even neighbours,
   ``(255 - MAE) / 255`` (same frame selection as VBench motion smoothness).
+* ``proxy_brightness`` - mean grey level / 255 (exposure). Nearly linear in the decoded pixels, so even a tiny random
+  model can move it: the sanity check that an RL run raises a reward at all.
 * ``proxy_sharpness_drift`` - ``log(sharpness(tail) / sharpness(head))`` with sharpness = variance of the 3x3
   Laplacian of the grey frame, head/tail = first/last 20 % of the frames (at least one each). 0 = no drift,
   negative = the video gets blurrier over time (long-horizon degradation).
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 
 from .base import VideoReward
 
-__all__ = ["FrameDifferenceMotion", "TemporalFlicker", "BlendSmoothness", "SharpnessDrift", "grey"]
+__all__ = ["FrameDifferenceMotion", "TemporalFlicker", "BlendSmoothness", "SharpnessDrift", "Brightness", "grey"]
 
 _LUMA = (0.299, 0.587, 0.114)
 
@@ -73,6 +75,17 @@ class TemporalFlicker(_ProxyReward):
         x = frames.float()
         mae = (x[:, 1:] - x[:, :-1]).abs().flatten(2).mean(-1).mean(-1)
         return {"proxy_flicker": (255.0 - mae) / 255.0}
+
+
+class Brightness(_ProxyReward):
+    """Field ``proxy_brightness``: mean grey level / 255 over all frames (1 = white, 0 = black)."""
+
+    name = "proxy_brightness"
+    fields = ("proxy_brightness",)
+    min_frames = 1
+
+    def _score(self, frames, prompts, fps) -> Dict[str, torch.Tensor]:
+        return {"proxy_brightness": grey(frames).flatten(1).mean(-1) / 255.0}
 
 
 class BlendSmoothness(_ProxyReward):

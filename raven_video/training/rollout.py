@@ -78,14 +78,18 @@ def _sampling_pipeline(transformer, timesteps, scheduler=None):
         transformer=transformer, denoising_timesteps=list(timesteps),
     )
     pipe.set_progress_bar_config(disable=True)
-    if hasattr(scheduler, "transition"):
-        # a non-consistency sampler (CM-GRPO's Euler-Maruyama baseline): the pipeline's per-step update
-        # ``z' = step(v, z, k, eps)`` with the noise it draws up front becomes the scheduler's transition
-        def step(velocity, sample, k, noise):
-            return scheduler.transition(velocity, sample, scheduler.sigmas[k], scheduler.sigmas[k + 1], noise)
-
-        pipe._consistency_step = step
     return pipe
+
+
+def _sampler_step(scheduler):
+    """A non-consistency sampler (CM-GRPO's Euler-Maruyama baseline) as the pipeline's ``sampler_step`` hook."""
+    if not hasattr(scheduler, "transition"):
+        return None
+
+    def step(velocity, sample, k, noise):
+        return scheduler.transition(velocity, sample, scheduler.sigmas[k], scheduler.sigmas[k + 1], noise)
+
+    return step
 
 
 @torch.no_grad()
@@ -137,6 +141,7 @@ def self_rollout(
                 latents=latents,
                 output_type="latent",
                 return_trajectory=True,
+                sampler_step=_sampler_step(scheduler),
             )
         )
     finally:

@@ -1,0 +1,521 @@
+#!/usr/bin/env python
+"""CM-GRPO: reinforcement fine-tuning of a causal few-step Wan student with LoRA (spec §6, Appendix B.3).
+
+    accelerate launch --config_file configs/accelerate_multi_gpu.yaml train_cm_grpo.py \
+        --pretrained_model_name_or_path <RAVEN CausalWanPipeline folder> --prompts prompts.txt \
+        --reward_weights dynamic_degree=0.35,text_alignment=2,aesthetic=1,imaging=1,motion_smoothness=0.75 \
+        --vbench_cache_dir /data/vbench_cache --reward_checkpoints rewards.json --sync_group_size 8 --output_dir cmgrpo-out
+
+The algorithm lives in ``raven_video.training.cm_grpo_step`` (rollouts, rewards, advantages, kernel regression); this
+script is wiring: arguments, models, LoRA, Accelerate, checkpoints, logging, validation and the three export flavours
+(LoRA adapter, base + LoRA bundle, merged pipeline). Shared helpers come from ``train_raven.py``. See ``docs/cm_grpo.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import os
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+import train_raven
+from train_raven import TrainingProgress, list_checkpoints, log_validation, resolve_resume, save_checkpoint
+
+logger = logging.getLogger("train_cm_grpo")
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+BUNDLE_DIR = "base_plus_lora"
+MERGED_DIR = "merged"
+
+
+# ----------------------------------------------------------------------------------------------------- arguments
+def parse_args(input_args=None):
+    from raven_video.rewards.composer import AGGREGATIONS
+    from raven_video.training.cm_grpo_step import DEFAULT_LORA_TARGET_MODULES, POLICY_KERNELS
+
+    p = argparse.ArgumentParser(description="CM-GRPO with LoRA on a causal Wan student (spec §6, App. B.3).")
+    # models
+    p.add_argument("--pretrained_model_name_or_path", type=str, default=None,
+                   help="CausalWanPipeline folder or Hub id: the policy init (RAVEN EMA) + text encoder, VAE, tokenizer.")
+    p.add_argument("--revision", type=str, default=None)
+    p.add_argument("--tiny_random_models", action="store_true", help="Tiny random pipeline (CPU smoke runs, tests).")
+    # LoRA (spec §6.1)
+    p.add_argument("--rank", type=int, default=256)
+    p.add_argument("--lora_alpha", type=float, default=256.0)
+    p.add_argument("--lora_dropout", type=float, default=0.0)
+    p.add_argument("--lora_target_modules", type=str, default=",".join(DEFAULT_LORA_TARGET_MODULES),
+                   help="Comma-separated Linear names (suffix match). Default: the spec's 16 module types.")
+    # data
+    p.add_argument("--prompts", type=str, default=None, help="txt / csv / parquet / jsonl file, folder or Hub dataset.")
+    p.add_argument("--prompt_column", type=str, default="prompt")
+    p.add_argument("--num_frames", type=int, default=81)
+    p.add_argument("--height", type=int, default=480)
+    p.add_argument("--width", type=int, default=832)
+    p.add_argument("--max_sequence_length", type=int, default=512)
+    # rollouts (spec §6.2)
+    p.add_argument("--group_size", type=int, default=4, help="Rollouts of the prompt per process per step.")
+    p.add_argument("--groups_per_infer", type=int, default=4, help="Rollouts per inference call (batch).")
+    p.add_argument("--sync_group_size", type=int, default=1,
+                   help="Consecutive processes sharing one prompt: a group spans group_size * sync_group_size rollouts.")
+    p.add_argument("--rollout_guidance_scale", type=float, default=1.0,
+                   help="Student CFG in rollouts; 1 = unguided (default, spec §10.1), 3.0 reproduces ff6960c.")
+    p.add_argument("--negative_prompt", type=str, default="", help="Negative prompt of guided rollouts (ref: empty).")
+    # rewards (spec §6.3, §7)
+    p.add_argument("--reward_weights", type=str, default="proxy_motion=1",
+                   help="e.g. dynamic_degree=0.35,text_alignment=2,aesthetic=1,imaging=1,motion_smoothness=0.75")
+    p.add_argument("--reward_aggregation", type=str, default="normalize_then_sum", choices=AGGREGATIONS)
+    p.add_argument("--reward_checkpoints", type=str, default=None,
+                   help="JSON file {reward: path or {constructor kwargs}} for the learned rewards (docs/rewards_eval.md).")
+    p.add_argument("--vbench_cache_dir", type=str, default=None,
+                   help="$VBENCH_CACHE_DIR: fills the checkpoints of dynamic_degree, motion_smoothness, aesthetic, imaging.")
+    p.add_argument("--reward_device", type=str, default=None, help="Default: the training device.")
+    p.add_argument("--fps", type=float, default=16.0)
+    p.add_argument("--adv_clip_max", type=float, default=5.0)
+    # policy objective (spec §6.4-6.5)
+    p.add_argument("--policy_kernel", type=str, default="consistency", choices=POLICY_KERNELS,
+                   help="consistency (CM-GRPO) or euler_maruyama (Flow-GRPO SDE baseline; rollouts sample it).")
+    p.add_argument("--noise_level", type=float, default=0.7, help="Euler-Maruyama noise level (Flow-GRPO: 0.7).")
+    p.add_argument("--skip_timesteps", type=int, default=1, help="Never train the last skip_timesteps transitions.")
+    p.add_argument("--chunk_weighting", type=str, default="-1", help="Spec §5 (alpha = -1: later chunks weigh more).")
+    p.add_argument("--policy_loss_scaling", type=float, default=100.0)
+    p.add_argument("--beta", type=float, default=0.0,
+                   help="KL to the reference consistency model (= base model, adapters disabled), spec eq. 10.")
+    p.add_argument("--slices_per_step", type=int, default=2, help="Rollouts per forward/backward (micro-batch).")
+    # optimisation (Appendix A)
+    p.add_argument("--learning_rate", type=float, default=5e-6)
+    p.add_argument("--adam_beta1", type=float, default=0.0)
+    p.add_argument("--adam_beta2", type=float, default=0.999)
+    p.add_argument("--adam_epsilon", type=float, default=1e-10)
+    p.add_argument("--adam_weight_decay", type=float, default=0.0)
+    p.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit (CUDA).")
+    p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--mixed_precision", type=str, default=None, choices=("no", "fp16", "bf16"))
+    p.add_argument("--max_grad_norm", type=float, default=1000.0, help="Reference default 1000 (= no clipping).")
+    p.add_argument("--ema_decay", type=float, default=0.9675, help="EMA of the LoRA parameters, per optimizer step.")
+    p.add_argument("--export_weights", type=str, default="ema", choices=("ema", "raw"),
+                   help="Which LoRA weights the exports hold (spec §10.16: the release's choice is unverified).")
+    p.add_argument("--offload_text_encoder", action="store_true", help="Keep the text encoder on the CPU.")
+    p.add_argument("--max_train_steps", type=int, default=160)
+    p.add_argument("--seed", type=int, default=20001019)
+    # checkpoints, logging, validation, export
+    p.add_argument("--output_dir", type=str, default="cm-grpo-output")
+    p.add_argument("--checkpointing_steps", type=int, default=80)
+    p.add_argument("--checkpoints_total_limit", type=int, default=None)
+    p.add_argument("--resume_from_checkpoint", type=str, default=None, help="'latest' or a checkpoint folder.")
+    p.add_argument("--report_to", type=str, default="tensorboard", choices=("tensorboard", "wandb", "none"))
+    p.add_argument("--logging_dir", type=str, default="logs")
+    p.add_argument("--validation_steps", type=int, default=None)
+    p.add_argument("--validation_prompts", type=str, nargs="*", default=None)
+    p.add_argument("--no_merged_export", action="store_true", help="Skip the merged pipeline folder.")
+    p.add_argument("--no_bundle_export", action="store_true", help="Skip the base + LoRA bundle folder.")
+    p.add_argument("--push_to_hub", action="store_true",
+                   help="Push the adapter to --hub_model_id, the bundle to <id>-bundle, the merged model to <id>-merged.")
+    p.add_argument("--hub_model_id", type=str, default=None)
+    p.add_argument("--hub_token", type=str, default=None)
+    args = p.parse_args(input_args)
+    args.local_rank = int(os.environ.get("LOCAL_RANK", -1))
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------- validation
+def validate_args(args, world_size: int = 1) -> None:
+    """Cheap checks of the flags alone, before any file or model is touched. Errors name the value and the fix."""
+    from raven_video.rewards.composer import parse_reward_weights
+    from raven_video.training.chunk_weighting import parse_chunk_weighting
+    from raven_video.training.cm_grpo_step import CMGRPOConfig
+
+    if not args.tiny_random_models and not args.pretrained_model_name_or_path:
+        raise ValueError("--pretrained_model_name_or_path is required (the RAVEN CausalWanPipeline folder), "
+                         "or pass --tiny_random_models for a smoke run.")
+    if args.prompts is None:
+        raise ValueError("no prompt source: pass --prompts (txt/csv/parquet/jsonl or a Hub dataset).")
+    if args.group_size < 1 or args.sync_group_size < 1:
+        raise ValueError(f"--group_size {args.group_size} and --sync_group_size {args.sync_group_size} must be >= 1.")
+    if args.group_size * args.sync_group_size < 2:
+        raise ValueError(
+            f"a group of {args.group_size * args.sync_group_size} rollout (--group_size {args.group_size} x "
+            f"--sync_group_size {args.sync_group_size}): group-relative advantages need >= 2 rollouts per prompt; "
+            "raise --group_size (RAVEN: 4 per process x 8 processes)."
+        )
+    if args.reward_aggregation == "normalize_then_sum" and args.group_size < 2:
+        raise ValueError(
+            f"--reward_aggregation normalize_then_sum z-scores each reward over the --group_size {args.group_size} "
+            "rollouts of this process (spec §6.3, §10.8): with 1 every reward is 0. Use --group_size >= 2 or "
+            "--reward_aggregation weighted_sum."
+        )
+    if world_size % args.sync_group_size:
+        raise ValueError(f"--sync_group_size {args.sync_group_size} must divide the number of processes "
+                         f"({world_size}).")
+    parse_reward_weights(args.reward_weights)
+    parse_chunk_weighting(args.chunk_weighting)
+    CMGRPOConfig(group_size=args.group_size, groups_per_infer=args.groups_per_infer, policy_kernel=args.policy_kernel,
+                 noise_level=args.noise_level, skip_timesteps=args.skip_timesteps, beta=args.beta,
+                 slices_per_step=args.slices_per_step)
+    if args.num_frames < 1 or (args.num_frames - 1) % 4:
+        k = max((args.num_frames - 1) // 4, 0)
+        raise ValueError(f"--num_frames {args.num_frames} is not of the form 4k+1; use {4 * k + 1} or {4 * k + 5}.")
+    for name in ("height", "width"):
+        value = getattr(args, name)
+        if value <= 0 or value % 16:
+            raise ValueError(f"--{name} {value} must be a positive multiple of 16 (VAE stride 8 x patch 2).")
+    for name in ("max_train_steps", "checkpointing_steps", "rank"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} {getattr(args, name)} must be >= 1.")
+    if not args.learning_rate > 0:
+        raise ValueError(f"--learning_rate {args.learning_rate} must be > 0 (CM-GRPO: 5e-6).")
+    if not args.adv_clip_max > 0:
+        raise ValueError(f"--adv_clip_max {args.adv_clip_max} must be > 0 (CM-GRPO: 5).")
+    if not 0.0 <= args.ema_decay <= 1.0:
+        raise ValueError(f"--ema_decay {args.ema_decay} must be in [0, 1] (CM-GRPO: 0.9675).")
+    if args.rollout_guidance_scale < 1.0:
+        raise ValueError(f"--rollout_guidance_scale {args.rollout_guidance_scale} must be >= 1 (1 = unguided).")
+    if not [m for m in args.lora_target_modules.split(",") if m.strip()]:
+        raise ValueError("--lora_target_modules is empty; give Linear names, e.g. attn1.to_q,attn1.to_k.")
+    if args.reward_checkpoints and not os.path.isfile(args.reward_checkpoints):
+        raise FileNotFoundError(f"--reward_checkpoints {args.reward_checkpoints!r} is not a file (expected JSON).")
+    if args.report_to == "wandb" and args.hub_token is not None:
+        raise ValueError("--report_to wandb together with --hub_token would expose the token in the run config; "
+                         "log in with `huggingface-cli login` instead of passing --hub_token.")
+    if args.push_to_hub and not args.hub_model_id:
+        raise ValueError("--push_to_hub needs --hub_model_id (e.g. user/raven-cmgrpo-lora).")
+    if args.validation_steps is not None and args.validation_steps < 1:
+        raise ValueError(f"--validation_steps {args.validation_steps} must be >= 1.")
+
+
+def reward_checkpoints(args) -> dict:
+    ckpts = {}
+    if args.vbench_cache_dir:
+        from raven_video.rewards.composer import checkpoints_from_vbench_cache
+
+        ckpts.update(checkpoints_from_vbench_cache(args.vbench_cache_dir))
+    if args.reward_checkpoints:
+        with open(args.reward_checkpoints) as fh:
+            ckpts.update(json.load(fh))
+    return ckpts
+
+
+def latent_shape(args, transformer_cfg: dict) -> tuple:
+    """``(C, F, H, W)`` of one video; validates the chunking (spec §1.5)."""
+    args_b = copy.copy(args)
+    args_b.train_batch_size = 1
+    return train_raven.latent_shape(args_b, transformer_cfg)[1:]
+
+
+# ----------------------------------------------------------------------------------------------------- models
+def load_pipeline(args):
+    from raven_video.pipelines.pipeline_causal_wan import CausalWanPipeline
+
+    if args.tiny_random_models:
+        from raven_video.testing import tiny_pipeline
+
+        return tiny_pipeline(seed=0)
+    return CausalWanPipeline.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision)
+
+
+def transformer_config(args) -> dict:
+    if args.tiny_random_models:
+        from raven_video.testing import tiny_wan_transformer_config
+
+        return dict(tiny_wan_transformer_config(num_frames_per_block=3), num_frames_first_block=None)
+    path = args.pretrained_model_name_or_path
+    if not os.path.isdir(path) and path.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"--pretrained_model_name_or_path {path!r} does not exist.")
+    return train_raven.load_transformer_config(path, args.revision)
+
+
+def add_lora(transformer, args) -> list:
+    """Freeze the base, inject the LoRA adapter (spec §6.1); returns the trainable LoRA parameters (fp32)."""
+    from raven_video.training.cm_grpo_step import lora_config
+
+    targets = [m.strip() for m in args.lora_target_modules.split(",") if m.strip()]
+    linear_names = [n for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)]
+    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in linear_names)]
+    if unmatched:
+        raise ValueError(f"--lora_target_modules {unmatched} match no Linear layer of the transformer; "
+                         f"Linear names look like {linear_names[:6]}.")
+    transformer.requires_grad_(False)
+    transformer.add_adapter(lora_config(args.rank, args.lora_alpha, targets, args.lora_dropout))
+    params = [p for n, p in transformer.named_parameters() if "lora_" in n]
+    for p in params:
+        p.requires_grad_(True)
+        p.data = p.data.float()
+    return params
+
+
+def lora_state_dict(transformer) -> dict:
+    from peft.utils import get_peft_model_state_dict
+
+    return {k: v.detach().to("cpu", torch.float32).contiguous()
+            for k, v in get_peft_model_state_dict(transformer).items()}
+
+
+def save_lora(pipeline_cls, transformer, folder: str, state_dict=None) -> None:
+    """``pytorch_lora_weights.safetensors`` in diffusers format (keys ``transformer.<...>.lora_A.weight``, metadata)."""
+    from diffusers.training_utils import _collate_lora_metadata
+
+    pipeline_cls.save_lora_weights(folder, transformer_lora_layers=state_dict or lora_state_dict(transformer),
+                                   weight_name=LORA_WEIGHT_NAME,
+                                   **_collate_lora_metadata({"transformer": transformer}))
+
+
+def load_lora_into(transformer, folder: str) -> None:
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft import set_peft_model_state_dict
+
+    from raven_video.pipelines.pipeline_causal_wan import CausalWanPipeline
+
+    state = CausalWanPipeline.lora_state_dict(folder, weight_name=LORA_WEIGHT_NAME)
+    state = state[0] if isinstance(state, tuple) else state
+    state = {k.removeprefix("transformer."): v for k, v in state.items() if k.startswith("transformer.")}
+    result = set_peft_model_state_dict(transformer, convert_unet_state_dict_to_peft(state), adapter_name="default")
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise ValueError(f"LoRA checkpoint {folder} has keys the model lacks: {unexpected[:5]} (different "
+                         "--lora_target_modules or --rank than the saved run?).")
+
+
+# ----------------------------------------------------------------------------------------------------- export
+def _component_pipeline(pipe, transformer):
+    return type(pipe)(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder.to("cpu"), vae=pipe.vae.to("cpu"),
+                      scheduler=pipe.scheduler, transformer=transformer,
+                      denoising_timesteps=pipe.config.denoising_timesteps, fps=pipe.config.fps)
+
+
+def export_all(args, pipe, base_transformer, lora_sd: dict, output_dir: str) -> dict:
+    """The three flavours (spec §10.16 / README of the reference at 904ef8e). Returns ``{flavour: folder}``.
+
+    * ``output_dir/pytorch_lora_weights.safetensors`` -- the adapter alone: ``pipe.load_lora_weights(output_dir)``;
+    * ``output_dir/base_plus_lora/`` -- the base ``CausalWanPipeline`` + the adapter file next to it;
+    * ``output_dir/merged/`` -- the adapter fused into the transformer (``fuse_lora`` + ``unload_lora``).
+    """
+    cls = type(pipe)
+    folders = {"lora": output_dir}
+    save_lora(cls, base_transformer, output_dir, lora_sd)
+    if not args.no_bundle_export:
+        bundle = os.path.join(output_dir, BUNDLE_DIR)
+        base = copy.deepcopy(base_transformer).to("cpu", torch.float32)
+        base.unload_lora()
+        _component_pipeline(pipe, base).save_pretrained(bundle)
+        save_lora(cls, base_transformer, bundle, lora_sd)
+        folders["bundle"] = bundle
+    if not args.no_merged_export:
+        merged_dir = os.path.join(output_dir, MERGED_DIR)
+        merged = copy.deepcopy(base_transformer).to("cpu", torch.float32)  # holds the exported LoRA weights
+        merged.fuse_lora(lora_scale=1.0)
+        merged.unload_lora()
+        _component_pipeline(pipe, merged).save_pretrained(merged_dir)
+        folders["merged"] = merged_dir
+    return folders
+
+
+def save_model_card(args, folder: str, flavour: str, repo_id: str | None, steps: int) -> None:
+    from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
+
+    base = args.pretrained_model_name_or_path
+    base_model = base if base and not os.path.exists(base) else None  # only Hub ids in `base_model`
+    recipe = (f"CM-GRPO (spec §6) for {steps} steps: LoRA r={args.rank}, alpha={args.lora_alpha}; "
+              f"{args.export_weights.upper()} LoRA weights (decay {args.ema_decay}); policy kernel "
+              f"`{args.policy_kernel}`; rewards `{args.reward_weights}` ({args.reward_aggregation}); group "
+              f"{args.group_size} x {args.sync_group_size} processes; chunk weighting `{args.chunk_weighting}`.")
+    load = {
+        "lora": ("LoRA adapter (diffusers format)",
+                 "```python\nfrom raven_video import CausalWanPipeline\n\npipe = CausalWanPipeline.from_pretrained("
+                 f"\"{base or '<base CausalWanPipeline>'}\")\npipe.load_lora_weights(\"<this repo or folder>\")\n"
+                 "# optional: pipe.fuse_lora(); pipe.unload_lora_weights()\n```"),
+        "bundle": ("base pipeline + LoRA adapter",
+                   "```python\nfrom raven_video import CausalWanPipeline\n\npipe = CausalWanPipeline.from_pretrained("
+                   "\"<this folder>\")   # the base\npipe.load_lora_weights(\"<this folder>\")   # "
+                   f"{LORA_WEIGHT_NAME} next to it\n```"),
+        "merged": ("merged pipeline (LoRA fused into the transformer)",
+                   "```python\nfrom raven_video import CausalWanPipeline\n\npipe = CausalWanPipeline.from_pretrained("
+                   "\"<this folder>\")\n```"),
+    }[flavour]
+    description = (f"# RAVEN CM-GRPO: {load[0]}\n\n{recipe}\n\nLoad:\n\n{load[1]}\n\nStream 4-step chunks "
+                   "(t = 1000, 938, 833, 625), guidance 1.0.\n")
+    kwargs = dict(from_training=True, license="apache-2.0", base_model=base_model, model_description=description,
+                  prompt=(args.validation_prompts or [None])[0])
+    if repo_id is not None:
+        card = load_or_create_model_card(repo_id, token=args.hub_token, **kwargs)
+    else:  # local export: create the card from the template without asking the Hub
+        import huggingface_hub.constants as hub_constants
+
+        offline, hub_constants.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE, True
+        try:
+            card = load_or_create_model_card(f"local/{os.path.basename(os.path.abspath(folder))}", **kwargs)
+        finally:
+            hub_constants.HF_HUB_OFFLINE = offline
+    tags = ["text-to-video", "diffusers", "raven", "cm-grpo", "wan", "causal", "reinforcement-learning"]
+    card = populate_model_card(card, tags=tags + (["lora"] if flavour != "merged" else []))
+    card.save(os.path.join(folder, "README.md"))
+
+
+# ----------------------------------------------------------------------------------------------------- main
+def main(input_args=None):
+    args = parse_args(input_args) if not isinstance(input_args, argparse.Namespace) else input_args
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+
+    # --- validate everything cheap before any heavy work or any write
+    from raven_video.data.prompts import PromptStream, load_prompts
+
+    validate_args(args, world_size=int(os.environ.get("WORLD_SIZE", 1)))
+    shape = latent_shape(args, transformer_config(args))
+    prompts = load_prompts(args.prompts, column=args.prompt_column)
+
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+
+    from raven_video.rewards import RewardComposer
+    from raven_video.training.cm_grpo_step import (
+        CMGRPOConfig, CMGRPOState, adapters_disabled_reference, cm_grpo_step, lora_parameter_names,
+    )
+    from raven_video.training.ema import EMA
+    from raven_video.training.rollout import GeneratorForward
+
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                            logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+    )
+    if getattr(accelerator.state, "fsdp_plugin", None) is not None:
+        raise ValueError("train_cm_grpo.py trains a LoRA adapter with DDP (the 1.3B base fits every GPU, "
+                         "diffusers_notes §5.3); launch with a MULTI_GPU accelerate config, not FSDP.")
+    validate_args(args, world_size=accelerator.num_processes)
+    set_seed(args.seed)
+    weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
+    stream = PromptStream(prompts, seed=args.seed, rank=accelerator.process_index,
+                          world_size=accelerator.num_processes, sync_group_size=args.sync_group_size)
+    resume_path = resolve_resume(args)
+    composer = RewardComposer(args.reward_weights, aggregation=args.reward_aggregation, build_missing=True,
+                              checkpoints=reward_checkpoints(args), device=args.reward_device or accelerator.device)
+
+    # --- models: frozen base in weight_dtype, fp32 LoRA
+    pipe = load_pipeline(args)
+    policy = pipe.transformer
+    pipe.vae.requires_grad_(False).to(accelerator.device)
+    pipe.text_encoder.requires_grad_(False)
+    text_device = "cpu" if args.offload_text_encoder else accelerator.device
+    pipe.text_encoder.to(text_device, dtype=weight_dtype if text_device != "cpu" else torch.float32)
+    policy.to(accelerator.device, dtype=weight_dtype)
+    lora_params = add_lora(policy, args)
+    if args.gradient_checkpointing:
+        policy.enable_gradient_checkpointing()
+    optimizer = train_raven.make_optimizer(args, lora_params, args.learning_rate)
+    policy_train, optimizer = accelerator.prepare(GeneratorForward(policy), optimizer)
+    policy = accelerator.unwrap_model(policy_train).transformer
+    ema = EMA(policy, decay=args.ema_decay, names=lora_parameter_names(policy))
+
+    # checkpoints hold the LoRA weights only (diffusers format), not the frozen base
+    def save_model_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            for model in models:
+                save_lora(type(pipe), accelerator.unwrap_model(model).transformer, output_dir)
+        while weights:
+            weights.pop()
+
+    def load_model_hook(models, input_dir):
+        while models:
+            load_lora_into(accelerator.unwrap_model(models.pop()).transformer, input_dir)
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+    progress_state = TrainingProgress()
+    for obj in (ema, stream, progress_state):
+        accelerator.register_for_checkpointing(obj)
+    if resume_path:
+        logger.info("resuming from %s", resume_path)
+        accelerator.load_state(resume_path)
+    global_step = first_step = progress_state.global_step
+
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        config = {k: v for k, v in vars(args).items() if k != "hub_token" and not isinstance(v, list)}
+        config = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config.items()}
+        if args.report_to != "none":
+            accelerator.init_trackers("cm-grpo", config=config)
+
+    def encode(texts):
+        with torch.no_grad():
+            pos, _ = pipe.encode_prompt(prompt=texts, do_classifier_free_guidance=False, num_videos_per_prompt=1,
+                                        max_sequence_length=args.max_sequence_length, device=text_device)
+        return pos.to(accelerator.device, torch.float32)
+
+    negative_text = encode([args.negative_prompt]) if args.rollout_guidance_scale > 1.0 else None
+    config = CMGRPOConfig(
+        timesteps=tuple(pipe.config.denoising_timesteps), group_size=args.group_size,
+        groups_per_infer=args.groups_per_infer, policy_kernel=args.policy_kernel, noise_level=args.noise_level,
+        skip_timesteps=args.skip_timesteps, chunk_weighting=args.chunk_weighting,
+        policy_loss_scaling=args.policy_loss_scaling, beta=args.beta, adv_clip_max=args.adv_clip_max,
+        slices_per_step=args.slices_per_step, rollout_guidance_scale=args.rollout_guidance_scale,
+        max_grad_norm=args.max_grad_norm, world_size=accelerator.num_processes, fps=args.fps,
+    )
+    state = CMGRPOState(
+        policy=policy, policy_train=policy_train, vae=pipe.vae, composer=composer, optimizer=optimizer, ema=ema,
+        backward=accelerator.backward, clip_fn=accelerator.clip_grad_norm_, autocast=accelerator.autocast,
+        no_sync=accelerator.no_sync if accelerator.num_processes > 1 else None,
+        reference=adapters_disabled_reference(policy) if args.beta > 0 else None,
+    )
+
+    bar = tqdm(range(args.max_train_steps), initial=global_step, desc="CM-GRPO",
+               disable=not accelerator.is_local_main_process)
+    logs = {}
+    while global_step < args.max_train_steps:
+        prompt = stream.take(1)[0]
+        text = encode([prompt])
+        # per-step, per-rank seed: a resumed run replays the same draws; ranks of a sync group differ
+        generator = torch.Generator().manual_seed(
+            args.seed + global_step * accelerator.num_processes + accelerator.process_index)
+        tic = time.perf_counter()
+        logs = cm_grpo_step(state, prompt, text, negative_text, shape, config, generator)
+        logs["first_step"] = first_step
+        logs["time_step"] = time.perf_counter() - tic
+        global_step += 1
+        progress_state.global_step = global_step
+        bar.update(1)
+        bar.set_postfix({k: f"{logs[k]:.4g}" for k in ("policy_loss", "grad_norm") if k in logs})
+        accelerator.log(logs, step=global_step)
+        if logs.get("skipped"):
+            logger.warning("step %d: non-finite loss/gradient, optimizer step skipped", global_step)
+        if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+            path = save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+            logger.info("saved %s", path)
+        if (args.validation_steps and args.validation_prompts and global_step % args.validation_steps == 0
+                and accelerator.is_main_process):
+            log_validation(args, accelerator, pipe, policy, global_step)
+    bar.close()
+
+    # --- export: adapter, base + adapter bundle, merged pipeline; a model card each (+ Hub)
+    accelerator.wait_for_everyone()
+    if args.export_weights == "ema":
+        ema.copy_to(policy)  # training is over: the policy now holds the EMA LoRA weights
+    if accelerator.is_main_process:
+        folders = export_all(args, pipe, policy, lora_state_dict(policy), args.output_dir)
+        repos = {}
+        if args.push_to_hub:
+            from huggingface_hub import create_repo
+
+            suffix = {"lora": "", "bundle": "-bundle", "merged": "-merged"}
+            repos = {f: create_repo(args.hub_model_id + suffix[f], exist_ok=True, token=args.hub_token).repo_id
+                     for f in folders}
+        for flavour, folder in folders.items():
+            save_model_card(args, folder, flavour, repos.get(flavour), global_step)
+        if args.push_to_hub:
+            from huggingface_hub import upload_folder
+
+            for flavour, folder in folders.items():
+                ignore = ["checkpoint-*", "logs/*", "validation/*", "*.tmp", f"{BUNDLE_DIR}/*", f"{MERGED_DIR}/*"]
+                upload_folder(repo_id=repos[flavour], folder_path=folder, token=args.hub_token,
+                              commit_message="End of training", ignore_patterns=ignore if flavour == "lora" else None)
+    accelerator.end_training()
+    return logs
+
+
+if __name__ == "__main__":
+    main()
