@@ -25,7 +25,8 @@ import torch
 from tqdm.auto import tqdm
 
 import train_raven
-from train_raven import TrainingProgress, list_checkpoints, log_validation, resolve_resume, save_checkpoint
+from train_raven import (TrainingProgress, check_distributed, list_checkpoints, log_validation, resolve_resume,
+                         save_checkpoint)
 
 logger = logging.getLogger("train_cm_grpo")
 
@@ -384,6 +385,7 @@ def main(input_args=None):
                                             logging_dir=os.path.join(args.output_dir, args.logging_dir)),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
     )
+    check_distributed(accelerator)
     if getattr(accelerator.state, "fsdp_plugin", None) is not None:
         raise ValueError("train_cm_grpo.py trains a LoRA adapter with DDP (the 1.3B base fits every GPU, "
                          "diffusers_notes §5.3); launch with a MULTI_GPU accelerate config, not FSDP.")

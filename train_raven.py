@@ -289,6 +289,18 @@ def list_checkpoints(output_dir: str) -> list:
     return [os.path.join(output_dir, d) for _, d in sorted(found)]
 
 
+def check_distributed(accelerator) -> None:
+    """Refuse a launcher that started several processes which Accelerate then runs as independent single processes
+    (e.g. ``torchrun`` on a machine without GPUs): they would train separately and race on the same output folder."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and accelerator.num_processes != launched:
+        raise RuntimeError(
+            f"WORLD_SIZE={launched} processes were launched but Accelerate runs {accelerator.num_processes}. "
+            "On CPU-only machines set ACCELERATE_USE_CPU=1 (or `accelerate launch --cpu`) so they use gloo; on GPU "
+            "machines check the accelerate config."
+        )
+
+
 def save_checkpoint(accelerator, output_dir: str, step: int, total_limit) -> str:
     """Save into ``checkpoint-<step>.tmp`` then rename: a crash mid-save never damages the last good checkpoint."""
     final = os.path.join(output_dir, f"checkpoint-{step}")
@@ -440,6 +452,7 @@ def main(input_args=None):
         project_config=ProjectConfiguration(project_dir=args.output_dir,
                                             logging_dir=os.path.join(args.output_dir, args.logging_dir)),
     )
+    check_distributed(accelerator)
     is_fsdp = getattr(accelerator.state, "fsdp_plugin", None) is not None
     set_seed(args.seed)
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
