@@ -73,7 +73,8 @@ def main():
     p.add_argument("--vae_dtype", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--mode", default="eager",
-                   help="eager | realtime (pipe.enable_realtime()) | realtime-nooverlap | realtime-cudnn-attn")
+                   help="eager | realtime (pipe.enable_realtime()) | realtime-nooverlap | realtime-cudnn-attn "
+                        "(diffusers' _native_cudnn for every attention) | realtime-selfattn-<cudnn|flash|fa3>")
     p.add_argument("--compile_mode", default=None, help="torch.compile mode for the realtime modes")
     args = p.parse_args()
     if args.tiny:
@@ -95,6 +96,7 @@ def main():
         pipe.enable_realtime(
             overlap_decode=args.mode != "realtime-nooverlap",
             attention_backend="_native_cudnn" if args.mode == "realtime-cudnn-attn" else None,
+            self_attention_kernel=args.mode.split("-")[-1] if args.mode.startswith("realtime-selfattn-") else None,
             **kwargs,
         )
     tic = time.perf_counter()

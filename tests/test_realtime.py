@@ -62,3 +62,12 @@ def test_realtime_stream_equals_realtime_call():
     chunks = list(pipe.stream("a dog runs", generator=torch.Generator().manual_seed(1), **SIZE))
     assert np.array_equal(np.concatenate([c.frames for c in chunks], axis=1), full)
     assert all(c.seconds > 0 for c in chunks)
+
+
+def test_self_attention_kernel_choice_keeps_outputs(eager_frames):
+    pipe = tiny_pipeline(seed=0).enable_realtime(compile=False, cudnn_benchmark=False, self_attention_kernel="math")
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("a cat walks", generator=torch.Generator().manual_seed(0), output_type="pt", **SIZE).frames
+    torch.testing.assert_close(out, eager_frames, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="self-attention kernel 'fa2'"):
+        pipe.transformer.set_self_attention_kernel("fa2")

@@ -59,8 +59,8 @@ def chunk_sizes(num_frames: int, frames_per_block: int, first_block: int | None 
         valid = [first + k * frames_per_block for k in range(0, 8)]
         raise ValueError(
             f"{num_frames} latent frames do not fit the chunking (first chunk {first}, then chunks of "
-            f"{frames_per_block}). Use a latent frame count in {valid}... "
-            f"(video frames = 4 * (latent - 1) + 1, e.g. 81 video frames = 21 latent frames)."
+            f"{frames_per_block}). Use a latent frame count in {valid}..., i.e. num_frames (video frames, "
+            f"4 * (latent - 1) + 1) in {[4 * (n - 1) + 1 for n in valid]}... (81 video frames = 21 latent frames)."
         )
     return [first] + [frames_per_block] * ((num_frames - first) // frames_per_block)
 

@@ -82,6 +82,7 @@ class CausalWanAttnProcessor:
 
     _attention_backend = None
     _parallel_config = None
+    _sdpa_backends = None  # e.g. [SDPBackend.CUDNN_ATTENTION]: the unmasked (streaming) self-attention kernel
 
     @staticmethod
     def project_qkv(attn: WanAttention, hidden_states: torch.Tensor, rotary_emb=None):
@@ -100,6 +101,13 @@ class CausalWanAttnProcessor:
         full_key, full_value = (key, value) if kv_cache is None else kv_cache.extend(key, value)
         if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
             out = _flex_attention(query, full_key, full_value, attention_mask)
+        elif attention_mask is None and self._sdpa_backends is not None:
+            from torch.nn.attention import sdpa_kernel
+
+            with sdpa_kernel(self._sdpa_backends):
+                out = F.scaled_dot_product_attention(
+                    query.transpose(1, 2), full_key.transpose(1, 2), full_value.transpose(1, 2)
+                ).transpose(1, 2)
         else:
             out = dispatch_attention_fn(
                 query, full_key, full_value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
@@ -293,6 +301,25 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         for block in self.blocks:
             block._pre_attention = pre
             block._post_attention = post
+
+    def set_self_attention_kernel(self, kernel: str | None) -> None:
+        """Pick PyTorch's SDPA kernel for the unmasked self-attention (streaming, bidirectional): ``"cudnn"``
+        (fastest on H100 for a chunk against its KV cache: 548 vs 317 TFLOP/s, BENCHMARKS.md), ``"flash"``,
+        ``"efficient"``, ``"math"``, ``"fa3"`` (PyTorch's FlashAttention-3 implementation, where this torch build
+        has it) or ``None`` (diffusers' dispatcher, the default). Masked training attention is unaffected."""
+        from torch.nn.attention import SDPBackend
+
+        choices = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION, "fa3": SDPBackend.FLASH_ATTENTION,
+                   "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+        if kernel is not None and kernel not in choices:
+            raise ValueError(f"self-attention kernel {kernel!r}; choose one of {sorted(choices)} or None.")
+        if kernel == "fa3":
+            activate = getattr(torch.nn.attention, "activate_flash_attention_impl", None)
+            if activate is None or "FA3" not in torch.nn.attention.list_flash_attention_impls():
+                raise ValueError("this torch build has no FlashAttention-3 implementation; use 'cudnn' or 'flash'.")
+            activate("FA3")
+        for block in self.blocks:
+            block.attn1.processor._sdpa_backends = None if kernel is None else [choices[kernel]]
 
     # ------------------------------------------------------------------ helpers
     @property

@@ -255,6 +255,7 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         overlap_decode: bool = True,
         attention_backend: str | None = None,
         cudnn_benchmark: bool = True,
+        self_attention_kernel: str | None = None,
         **compile_kwargs,
     ) -> "CausalWanPipeline":
         """Turn on the fast streaming path (outputs equal the eager path up to kernel numerics; see BENCHMARKS.md).
@@ -269,11 +270,15 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                 ``"flash"``, ``"_flash_3_hub"``), see ``diffusers.models.attention_dispatch``.
             cudnn_benchmark: set ``torch.backends.cudnn.benchmark = True`` (process-wide) so the VAE's 3-D
                 convolutions use the fastest algorithm.
+            self_attention_kernel: PyTorch SDPA kernel for the streaming self-attention only (``"cudnn"``,
+                ``"flash"``, ``"fa3"``, ...; see ``CausalWanTransformer3DModel.set_self_attention_kernel``).
         """
         if compile:
             self.transformer.compile_streaming(**compile_kwargs)
         if attention_backend is not None:
             self.transformer.set_attention_backend(attention_backend)
+        if self_attention_kernel is not None:
+            self.transformer.set_self_attention_kernel(self_attention_kernel)
         if cudnn_benchmark:
             torch.backends.cudnn.benchmark = True
         self._overlap_decode = overlap_decode
