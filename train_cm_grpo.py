@@ -17,16 +17,24 @@ import argparse
 import copy
 import json
 import logging
-import math
 import os
 import time
 
 import torch
 from tqdm.auto import tqdm
 
-import train_raven
-from train_raven import (TrainingProgress, check_distributed, list_checkpoints, log_validation, resolve_resume,
-                         save_checkpoint)
+from raven_video.training.script_utils import (
+    check_distributed,
+    init_trackers,
+    latent_shape,
+    load_transformer_config,
+    log_validation,
+    make_optimizer,
+    prompt_encoder,
+    register_and_resume,
+    resolve_resume,
+    save_checkpoint,
+)
 
 logger = logging.getLogger("train_cm_grpo")
 
@@ -201,11 +209,11 @@ def reward_checkpoints(args) -> dict:
     return ckpts
 
 
-def latent_shape(args, transformer_cfg: dict) -> tuple:
+def video_latent_shape(args, transformer_cfg: dict) -> tuple:
     """``(C, F, H, W)`` of one video; validates the chunking (spec §1.5)."""
     args_b = copy.copy(args)
     args_b.train_batch_size = 1
-    return train_raven.latent_shape(args_b, transformer_cfg)[1:]
+    return latent_shape(args_b, transformer_cfg)[1:]
 
 
 # ----------------------------------------------------------------------------------------------------- models
@@ -227,7 +235,7 @@ def transformer_config(args) -> dict:
     path = args.pretrained_model_name_or_path
     if not os.path.isdir(path) and path.startswith((".", "/", "~")):
         raise FileNotFoundError(f"--pretrained_model_name_or_path {path!r} does not exist.")
-    return train_raven.load_transformer_config(path, args.revision)
+    return load_transformer_config(path, args.revision)
 
 
 def add_lora(transformer, args) -> list:
@@ -365,7 +373,7 @@ def main(input_args=None):
     from raven_video.data.prompts import PromptStream, load_prompts
 
     validate_args(args, world_size=int(os.environ.get("WORLD_SIZE", 1)))
-    shape = latent_shape(args, transformer_config(args))
+    shape = video_latent_shape(args, transformer_config(args))
     prompts = load_prompts(args.prompts, column=args.prompt_column)
 
     from accelerate import Accelerator
@@ -409,7 +417,7 @@ def main(input_args=None):
     lora_params = add_lora(policy, args)
     if args.gradient_checkpointing:
         policy.enable_gradient_checkpointing()
-    optimizer = train_raven.make_optimizer(args, lora_params, args.learning_rate)
+    optimizer = make_optimizer(args, lora_params, args.learning_rate)
     policy_train, optimizer = accelerator.prepare(GeneratorForward(policy), optimizer)
     policy = accelerator.unwrap_model(policy_train).transformer
     ema = EMA(policy, decay=args.ema_decay, names=lora_parameter_names(policy))
@@ -428,26 +436,10 @@ def main(input_args=None):
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
-    progress_state = TrainingProgress()
-    for obj in (ema, stream, progress_state):
-        accelerator.register_for_checkpointing(obj)
-    if resume_path:
-        logger.info("resuming from %s", resume_path)
-        accelerator.load_state(resume_path)
+    progress_state = register_and_resume(accelerator, (ema, stream), resume_path)
     global_step = first_step = progress_state.global_step
-
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-        config = {k: v for k, v in vars(args).items() if k != "hub_token" and not isinstance(v, list)}
-        config = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config.items()}
-        if args.report_to != "none":
-            accelerator.init_trackers("cm-grpo", config=config)
-
-    def encode(texts):
-        with torch.no_grad():
-            pos, _ = pipe.encode_prompt(prompt=texts, do_classifier_free_guidance=False, num_videos_per_prompt=1,
-                                        max_sequence_length=args.max_sequence_length, device=text_device)
-        return pos.to(accelerator.device, torch.float32)
+    init_trackers(accelerator, args, "cm-grpo")
+    encode = prompt_encoder(pipe, args.max_sequence_length, text_device, accelerator.device)
 
     negative_text = encode([args.negative_prompt]) if args.rollout_guidance_scale > 1.0 else None
     config = CMGRPOConfig(

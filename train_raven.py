@@ -16,12 +16,24 @@ import copy
 import logging
 import math
 import os
-import re
-import shutil
 import time
 
 import torch
 from tqdm.auto import tqdm
+
+from raven_video.training.script_utils import (
+    check_distributed,
+    init_trackers,
+    latent_shape,
+    load_transformer,
+    load_transformer_config,
+    log_validation,
+    make_optimizer,
+    prompt_encoder,
+    register_and_resume,
+    resolve_resume,
+    save_checkpoint,
+)
 
 logger = logging.getLogger("train_raven")
 
@@ -166,46 +178,7 @@ def same_size(a: dict, b: dict) -> bool:
     return all(_cfg(a, k) == _cfg(b, k) for k in _SIZE_KEYS)
 
 
-def latent_shape(args, student_cfg: dict) -> tuple:
-    """``(B, C, F, H, W)`` and validation of the chunking (spec §1.5)."""
-    from raven_video.models.attention_layout import chunk_sizes
-
-    frames = (args.num_frames - 1) // 4 + 1
-    try:
-        chunk_sizes(frames, student_cfg.get("num_frames_per_block", 3), student_cfg.get("num_frames_first_block"))
-    except ValueError as err:
-        raise ValueError(f"--num_frames {args.num_frames} ({frames} latent frames) does not fit the student's "
-                         f"chunking: {err}") from None
-    return (args.train_batch_size, student_cfg["in_channels"], frames, args.height // 8, args.width // 8)
-
-
 # ----------------------------------------------------------------------------------------------------- models
-def _transformer_location(path: str) -> dict:
-    """``{"pretrained_model_name_or_path": ..., "subfolder": ...}`` for a pipeline or a bare transformer folder."""
-    if os.path.isdir(path):
-        if os.path.isfile(os.path.join(path, "config.json")):
-            return {"pretrained_model_name_or_path": path}
-        if os.path.isfile(os.path.join(path, "transformer", "config.json")):
-            return {"pretrained_model_name_or_path": path, "subfolder": "transformer"}
-        raise ValueError(f"{path!r} holds neither a transformer (config.json) nor a pipeline (transformer/config.json).")
-    if path.startswith((".", "/", "~")) or path.count("/") != 1:
-        raise FileNotFoundError(f"model path {path!r} does not exist; pass a local folder or a Hub id 'org/name'.")
-    return {"pretrained_model_name_or_path": path, "subfolder": "transformer"}
-
-
-def load_transformer_config(path: str, revision=None) -> dict:
-    from raven_video.models.transformer_causal_wan import CausalWanTransformer3DModel
-
-    return dict(CausalWanTransformer3DModel.load_config(**_transformer_location(path), revision=revision))
-
-
-def load_transformer(path: str, revision=None, **kwargs):
-    """Any Wan2.1 T2V diffusers transformer into ``CausalWanTransformer3DModel`` (same parameter names)."""
-    from raven_video.models.transformer_causal_wan import CausalWanTransformer3DModel
-
-    return CausalWanTransformer3DModel.from_pretrained(**_transformer_location(path), revision=revision, **kwargs)
-
-
 def model_configs(args) -> tuple:
     """(student, teacher, critic) transformer configs, read without loading weights."""
     if args.tiny_random_models:
@@ -251,91 +224,6 @@ def load_models(args, weight_dtype):
     return pipe, critic, teacher
 
 
-def make_optimizer(args, params, lr):
-    if args.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError as err:
-            raise ImportError("--use_8bit_adam needs bitsandbytes (CUDA): pip install bitsandbytes") from err
-        cls = bnb.optim.AdamW8bit
-    else:
-        cls = torch.optim.AdamW
-    return cls(params, lr=lr, betas=(float(args.adam_beta1), float(args.adam_beta2)), eps=args.adam_epsilon,
-               weight_decay=args.adam_weight_decay)
-
-
-# ----------------------------------------------------------------------------------------------------- checkpoints
-class TrainingProgress:
-    """The global step, checkpointed with ``register_for_checkpointing``."""
-
-    def __init__(self):
-        self.global_step = 0
-
-    def state_dict(self):
-        return {"global_step": self.global_step}
-
-    def load_state_dict(self, state):
-        self.global_step = int(state["global_step"])
-
-
-_CKPT = re.compile(r"^checkpoint-(\d+)$")
-
-
-def list_checkpoints(output_dir: str) -> list:
-    """Complete checkpoints (``checkpoint-<step>``; unfinished ``*.tmp`` saves are ignored), oldest first."""
-    if not os.path.isdir(output_dir):
-        return []
-    found = [(int(m.group(1)), d) for d in os.listdir(output_dir) if (m := _CKPT.match(d))]
-    return [os.path.join(output_dir, d) for _, d in sorted(found)]
-
-
-def check_distributed(accelerator) -> None:
-    """Refuse a launcher that started several processes which Accelerate then runs as independent single processes
-    (e.g. ``torchrun`` on a machine without GPUs): they would train separately and race on the same output folder."""
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched > 1 and accelerator.num_processes != launched:
-        raise RuntimeError(
-            f"WORLD_SIZE={launched} processes were launched but Accelerate runs {accelerator.num_processes}. "
-            "On CPU-only machines set ACCELERATE_USE_CPU=1 (or `accelerate launch --cpu`) so they use gloo; on GPU "
-            "machines check the accelerate config."
-        )
-
-
-def save_checkpoint(accelerator, output_dir: str, step: int, total_limit) -> str:
-    """Save into ``checkpoint-<step>.tmp`` then rename: a crash mid-save never damages the last good checkpoint."""
-    final = os.path.join(output_dir, f"checkpoint-{step}")
-    tmp = final + ".tmp"
-    if accelerator.is_main_process and os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        if total_limit is not None:
-            for old in list_checkpoints(output_dir)[:-total_limit]:
-                logger.info("removing old checkpoint %s", old)
-                shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def resolve_resume(args) -> str | None:
-    if not args.resume_from_checkpoint:
-        return None
-    if args.resume_from_checkpoint == "latest":
-        found = list_checkpoints(args.output_dir)
-        if not found:
-            logger.warning("--resume_from_checkpoint latest: no checkpoint in %s, starting fresh.", args.output_dir)
-            return None
-        return found[-1]
-    if not os.path.isdir(args.resume_from_checkpoint):
-        raise FileNotFoundError(f"--resume_from_checkpoint {args.resume_from_checkpoint!r} is not a folder.")
-    return args.resume_from_checkpoint
-
-
 # ----------------------------------------------------------------------------------------------------- export
 def export_pipeline(pipe, student_state_dict, output_dir: str) -> None:
     """The EMA student as a ``CausalWanPipeline`` folder (Hub layout) in ``output_dir``."""
@@ -375,49 +263,6 @@ def save_model_card(args, output_dir: str, repo_id: str | None, steps: int) -> N
 
 
 # ----------------------------------------------------------------------------------------------------- validation
-def log_validation(args, accelerator, pipe, student, step: int) -> None:
-    """Videos for the fixed validation prompts (current student), written to ``output_dir/validation`` and logged."""
-    import numpy as np
-
-    from raven_video.pipelines.pipeline_causal_wan import CausalWanPipeline
-
-    val = CausalWanPipeline(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae,
-                            scheduler=copy.deepcopy(pipe.scheduler), transformer=student,
-                            denoising_timesteps=pipe.config.denoising_timesteps, fps=pipe.config.fps)
-    val.set_progress_bar_config(disable=True)
-    generator = torch.Generator(device=accelerator.device).manual_seed(args.seed)
-    folder = os.path.join(args.output_dir, "validation", f"step-{step}")
-    os.makedirs(folder, exist_ok=True)
-    videos = []
-    was_training = student.training
-    student.eval()
-    for i, prompt in enumerate(args.validation_prompts):
-        with accelerator.autocast():
-            frames = val(prompt=prompt, num_frames=args.num_frames, height=args.height, width=args.width,
-                         generator=generator, output_type="np", max_sequence_length=args.max_sequence_length).frames[0]
-        videos.append(frames)
-        try:
-            from diffusers.utils import export_to_video
-
-            export_to_video(list(frames), os.path.join(folder, f"{i:02d}.mp4"), fps=pipe.config.fps)
-        except Exception as err:  # video writer backends are optional
-            np.save(os.path.join(folder, f"{i:02d}.npy"), frames)
-            logger.warning("could not write mp4 (%s); saved frames as .npy", err)
-    student.train(was_training)
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            clip = torch.from_numpy(np.stack(videos)).permute(0, 1, 4, 2, 3)  # [N, F, 3, H, W]
-            try:
-                tracker.writer.add_video("validation", clip, step, fps=pipe.config.fps)
-            except Exception:  # add_video needs moviepy: fall back to the first frames
-                tracker.writer.add_images("validation_first_frame", clip[:, 0], step)
-        elif tracker.name == "wandb":
-            import wandb
-
-            tracker.log({"validation": [wandb.Video(os.path.join(folder, f"{i:02d}.mp4"), caption=p)
-                                        for i, p in enumerate(args.validation_prompts)]}, step=step)
-
-
 # ----------------------------------------------------------------------------------------------------- main
 def main(input_args=None):
     args = parse_args(input_args) if not isinstance(input_args, argparse.Namespace) else input_args
@@ -487,27 +332,12 @@ def main(input_args=None):
         teacher = accelerator.prepare(teacher)
     student = accelerator.unwrap_model(student_train).transformer
     ema = EMA(student, decay=args.ema_decay)
-    progress_state = TrainingProgress()
-    for obj in (ema, stream, progress_state):
-        accelerator.register_for_checkpointing(obj)
-    if resume_path:
-        logger.info("resuming from %s", resume_path)
-        accelerator.load_state(resume_path)
+    progress_state = register_and_resume(accelerator, (ema, stream), resume_path)
     global_step = first_step = progress_state.global_step
-
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-        config = {k: v for k, v in vars(args).items() if k != "hub_token" and not isinstance(v, list)}
-        config = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config.items()}
-        if args.report_to != "none":
-            accelerator.init_trackers("raven", config=config)
+    init_trackers(accelerator, args, "raven")
 
     # --- text embeddings (the negative prompt once)
-    def encode(prompts):
-        with torch.no_grad():
-            pos, _ = pipe.encode_prompt(prompt=prompts, do_classifier_free_guidance=False, num_videos_per_prompt=1,
-                                        max_sequence_length=args.max_sequence_length, device=text_device)
-        return pos.to(accelerator.device, torch.float32)
+    encode = prompt_encoder(pipe, args.max_sequence_length, text_device, accelerator.device)
 
     negative = args.negative_prompt if args.negative_prompt is not None else RAVEN_NEGATIVE_PROMPT
     need_negative = args.guidance_scale != 1.0 or args.rollout_guidance_scale > 1.0
