@@ -12,7 +12,6 @@ models, Accelerate, checkpoints, logging, validation and export. See ``docs/trai
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import math
 import os
@@ -227,8 +226,15 @@ def load_models(args, weight_dtype):
 # ----------------------------------------------------------------------------------------------------- export
 def export_pipeline(pipe, student_state_dict, output_dir: str) -> None:
     """The EMA student as a ``CausalWanPipeline`` folder (Hub layout) in ``output_dir``."""
-    transformer = copy.deepcopy(pipe.transformer).to("cpu", torch.float32)
-    transformer.load_state_dict({k: v.to("cpu", torch.float32) for k, v in student_state_dict.items()})
+    from accelerate import init_empty_weights
+
+    from raven_video.models.transformer_causal_wan import CausalWanTransformer3DModel
+
+    # a fresh model from the config, not a deepcopy: under FSDP2 the student is a sharded FSDP module
+    with init_empty_weights():
+        transformer = CausalWanTransformer3DModel.from_config(pipe.transformer.config)
+    transformer.load_state_dict({k: v.to("cpu", torch.float32) for k, v in student_state_dict.items()},
+                                strict=True, assign=True)
     exported = type(pipe)(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder.to("cpu"),
                           vae=pipe.vae.to("cpu"), scheduler=pipe.scheduler, transformer=transformer,
                           denoising_timesteps=pipe.config.denoising_timesteps, fps=pipe.config.fps)
@@ -263,6 +269,31 @@ def save_model_card(args, output_dir: str, repo_id: str | None, steps: int) -> N
 
 
 # ----------------------------------------------------------------------------------------------------- validation
+def keep_forward_inputs(accelerator) -> None:
+    """FSDP2's default mixed-precision policy casts every floating forward input to bf16: timesteps (938 -> 936),
+    the float64 RoPE tables and the fp32 modulation of every block. Keep the policy's dtypes but not that cast;
+    Accelerate's autocast (which the training step runs under) casts the matmuls, as on one GPU or with DDP."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    plugin = accelerator.state.fsdp_plugin
+    policy = plugin.mixed_precision_policy
+    if plugin.fsdp_version == 2 and policy is not None and getattr(policy, "cast_forward_inputs", False):
+        plugin.mixed_precision_policy = MixedPrecisionPolicy(
+            param_dtype=policy.param_dtype, reduce_dtype=policy.reduce_dtype, output_dtype=None,
+            cast_forward_inputs=False,
+        )
+
+
+def shard_frozen_model(model, device) -> None:
+    """FSDP2 (``fully_shard``) for a frozen model: each block, then the root, sharded over all processes."""
+    from torch.distributed.fsdp import fully_shard
+
+    model.to(device)
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)
+
+
 # ----------------------------------------------------------------------------------------------------- main
 def main(input_args=None):
     args = parse_args(input_args) if not isinstance(input_args, argparse.Namespace) else input_args
@@ -326,10 +357,16 @@ def main(input_args=None):
     student_opt = make_optimizer(args, student.parameters(), args.learning_rate)
     critic_opt = make_optimizer(args, critic.parameters(), args.critic_learning_rate)
     # the generator forward (every history mode) is one module call so DDP/FSDP2 hooks see it (rollout.py)
-    student_train, critic_train, student_opt, critic_opt = accelerator.prepare(
-        GeneratorForward(student), critic, student_opt, critic_opt)
     if is_fsdp:
-        teacher = accelerator.prepare(teacher)
+        keep_forward_inputs(accelerator)
+    # one model (+ its optimizer) per prepare call: FSDP2 in Accelerate allows no more
+    student_train, student_opt = accelerator.prepare(GeneratorForward(student), student_opt)
+    critic_train, critic_opt = accelerator.prepare(critic, critic_opt)
+    if is_fsdp:  # the frozen teacher has no optimizer, which Accelerate's FSDP2 prepare requires: shard it directly
+        shard_frozen_model(teacher, accelerator.device)
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        register_fsdp_forward_method(student_train, "rollout")  # the rollout runs through the root's FSDP hooks
     student = accelerator.unwrap_model(student_train).transformer
     ema = EMA(student, decay=args.ema_decay)
     progress_state = register_and_resume(accelerator, (ema, stream), resume_path)
@@ -352,7 +389,8 @@ def main(input_args=None):
     state = TrainState(
         student=student, student_train=student_train, critic_train=critic_train, teacher=teacher,
         student_optimizer=student_opt, critic_optimizer=critic_opt, ema=ema, backward=accelerator.backward,
-        clip_fn=accelerator.clip_grad_norm_, autocast=accelerator.autocast,
+        # Accelerate's FSDP branch of clip_grad_norm_ compares parameter lists with == (fails under FSDP2)
+        clip_fn=torch.nn.utils.clip_grad_norm_ if is_fsdp else accelerator.clip_grad_norm_, autocast=accelerator.autocast,
     )
 
     bar = tqdm(range(args.max_train_steps), initial=global_step, desc="RAVEN",

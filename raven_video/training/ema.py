@@ -94,7 +94,10 @@ class EMA:
             params[name].copy_(shadow.to(params[name].device, params[name].dtype))
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "num_updates": self.num_updates, "shadow": dict(self.shadow)}
+        """Full (unsharded) tensors: Accelerate calls this on every rank and writes the main process's copy, so
+        FSDP2-sharded shadows (DTensors) are gathered here (a collective) rather than saving rank 0's shard only."""
+        shadow = {n: (t.full_tensor() if hasattr(t, "full_tensor") else t) for n, t in self.shadow.items()}
+        return {"decay": self.decay, "num_updates": self.num_updates, "shadow": shadow}
 
     def load_state_dict(self, state_dict: dict) -> None:
         shadow = state_dict["shadow"]
@@ -106,6 +109,11 @@ class EMA:
                 f"{only_here}. Build the EMA with the same `names` (same LoRA config) as the saved run."
             )
         for name, value in shadow.items():
+            target = self.shadow[name]
+            if hasattr(target, "device_mesh"):  # FSDP2 shard: take this rank's part of the full tensor
+                from torch.distributed.tensor import distribute_tensor
+
+                value = distribute_tensor(value.to(target.device, torch.float32), target.device_mesh, target.placements)
             if value.shape != self.shadow[name].shape:
                 raise ValueError(
                     f"EMA shape mismatch for {name!r}: checkpoint {tuple(value.shape)} vs "

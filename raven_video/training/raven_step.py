@@ -188,7 +188,10 @@ def optimizer_step(parameters, optimizer, max_grad_norm: Optional[float], clip_f
     parameters = [p for p in parameters if p.grad is not None]
     clip = clip_fn or torch.nn.utils.clip_grad_norm_
     max_norm = float("inf") if max_grad_norm is None or max_grad_norm <= 0 else max_grad_norm
-    grad_norm = float(clip(parameters, max_norm)) if parameters else 0.0
+    grad_norm = clip(parameters, max_norm) if parameters else 0.0
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor norm
+        grad_norm = grad_norm.full_tensor()
+    grad_norm = float(grad_norm)
     skipped = not math.isfinite(grad_norm)
     if not skipped:
         optimizer.step()
@@ -279,7 +282,10 @@ def _rollout(state, text, negative_text, latent_shape, config, generator, noise)
     """The rollout draws its step noise from a generator forked off the iteration generator (reproducible)."""
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     step_generator = torch.Generator(device=noise.device).manual_seed(seed)
-    return self_rollout(
-        state.student, text, latent_shape, generator=step_generator, timesteps=config.timesteps,
-        guidance_scale=config.rollout_guidance_scale, negative_text=negative_text, latents=noise,
-    )
+    kwargs = dict(generator=step_generator, timesteps=config.timesteps, guidance_scale=config.rollout_guidance_scale,
+                  negative_text=negative_text, latents=noise)
+    wrapped = getattr(state.student_train, "module", state.student_train)  # DDP keeps the module in .module
+    if isinstance(wrapped, GeneratorForward):  # through the (possibly FSDP2) root module, see GeneratorForward.rollout
+        return state.student_train.rollout(text, latent_shape, **kwargs) if hasattr(state.student_train, "rollout") \
+            else wrapped.rollout(text, latent_shape, **kwargs)
+    return self_rollout(state.student, text, latent_shape, **kwargs)

@@ -307,3 +307,9 @@ class GeneratorForward(torch.nn.Module):
         rollout = Rollout(trajectory=trajectory, endpoints=endpoints, timesteps=tuple(timesteps))
         return generator_prediction(self.transformer, history, rollout, step_index, text, generator=generator,
                                     data_latents=data_latents)
+
+    def rollout(self, *args, **kwargs) -> Rollout:
+        """:func:`self_rollout` of the wrapped transformer. Under FSDP2 the script registers this method with
+        ``torch.distributed.fsdp.register_fsdp_forward_method`` so the rollout runs through the root module's hooks
+        (all-gather of the parameters outside the blocks; the blocks stay children of this root)."""
+        return self_rollout(self.transformer, *args, **kwargs)
