@@ -19,7 +19,6 @@ processors hold no mutable state, so activation checkpointing and ``torch.compil
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch

@@ -52,5 +52,5 @@ if TYPE_CHECKING:  # pragma: no cover
     from .dynamic_degree import DynamicDegreeReward
     from .imaging_quality import ImagingQualityReward
     from .motion_smoothness import MotionSmoothnessReward
-    from .proxies import BlendSmoothness, FrameDifferenceMotion, SharpnessDrift, TemporalFlicker
+    from .proxies import BlendSmoothness, Brightness, FrameDifferenceMotion, SharpnessDrift, TemporalFlicker
     from .text_alignment import VideoAlignReward
