@@ -71,3 +71,12 @@ def test_self_attention_kernel_choice_keeps_outputs(eager_frames):
     torch.testing.assert_close(out, eager_frames, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="self-attention kernel 'fa2'"):
         pipe.transformer.set_self_attention_kernel("fa2")
+
+
+def test_vae_channels_last_keeps_outputs(eager_frames):
+    pipe = tiny_pipeline(seed=0).enable_realtime(compile=False, cudnn_benchmark=False, vae_channels_last=True)
+    pipe.set_progress_bar_config(disable=True)
+    conv = next(m for m in pipe.vae.modules() if isinstance(m, torch.nn.Conv3d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    out = pipe("a cat walks", generator=torch.Generator().manual_seed(0), output_type="pt", **SIZE).frames
+    torch.testing.assert_close(out, eager_frames, rtol=0, atol=1e-4)

@@ -256,6 +256,7 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         attention_backend: str | None = None,
         cudnn_benchmark: bool = True,
         self_attention_kernel: str | None = None,
+        vae_channels_last: bool = False,
         **compile_kwargs,
     ) -> "CausalWanPipeline":
         """Turn on the fast streaming path (outputs equal the eager path up to kernel numerics; see BENCHMARKS.md).
@@ -272,6 +273,8 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                 convolutions use the fastest algorithm.
             self_attention_kernel: PyTorch SDPA kernel for the streaming self-attention only (``"cudnn"``,
                 ``"flash"``, ``"fa3"``, ...; see ``CausalWanTransformer3DModel.set_self_attention_kernel``).
+            vae_channels_last: store the VAE's 3-D convolution weights as ``channels_last_3d`` (H100: streamed
+                decode of 81 frames 2.10 -> 1.75 s in bf16, BENCHMARKS.md; outputs differ by bf16 rounding only).
         """
         if compile:
             self.transformer.compile_streaming(**compile_kwargs)
@@ -279,6 +282,10 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             self.transformer.set_attention_backend(attention_backend)
         if self_attention_kernel is not None:
             self.transformer.set_self_attention_kernel(self_attention_kernel)
+        if vae_channels_last and self.vae is not None:
+            for module in self.vae.modules():
+                if isinstance(module, torch.nn.Conv3d):
+                    module.to(memory_format=torch.channels_last_3d)
         if cudnn_benchmark:
             torch.backends.cudnn.benchmark = True
         self._overlap_decode = overlap_decode
