@@ -190,6 +190,17 @@ class VideoReward:
         self.model = None
 
     # -- lifecycle -------------------------------------------------------------------------------------------
+    def _set_weights(self, checkpoint, random_init: bool, model, expected: str, required: bool = True) -> None:
+        """Remember where the weights come from (a checkpoint, random init, or a ready ``model``); with none given,
+        raise naming the file to pass. ``required=False`` for modes that need no weights (weight-free backends)."""
+        if required and checkpoint is None and not random_init and model is None:
+            raise ValueError(
+                f"{type(self).__name__}: pass checkpoint=<{expected}>, or random_init=True for random weights "
+                "(tests/benchmarks)."
+            )
+        self.checkpoint = checkpoint
+        self.model = model.to(self.device, self.dtype).eval() if model is not None else None
+
     @property
     def is_loaded(self) -> bool:
         return self.model is not None or not self._needs_model()

@@ -183,13 +183,9 @@ class DynamicDegreeReward(VideoReward):
         if flow_backend not in ("raft", "farneback"):
             raise ValueError(f"DynamicDegreeReward: flow_backend must be 'raft' or 'farneback', got {flow_backend!r}")
         self.flow_backend = flow_backend
-        if flow_backend == "raft" and checkpoint is None and not random_init and model is None:
-            raise ValueError(
-                "DynamicDegreeReward: pass checkpoint=<raft-things.pth | raft_large_C_T_V1-22a6c225.pth | "
-                "'owner/repo/file.pth'>, or random_init=True for random weights (tests/benchmarks)."
-            )
-        self.checkpoint = checkpoint
-        self.model = model.to(self.device, dtype).eval() if model is not None else None
+        self._set_weights(checkpoint, random_init, model,
+                          "raft-things.pth | raft_large_C_T_V1-22a6c225.pth | 'owner/repo/file.pth'",
+                          required=flow_backend == "raft")
         self.num_flow_updates = int(num_flow_updates)
         self.target_fps = float(target_fps)
         self.top_fraction = float(top_fraction)

@@ -84,13 +84,7 @@ class ImagingQualityReward(VideoReward):
         max_side: int = 512,
     ):
         super().__init__(device, dtype)
-        if checkpoint is None and not random_init and model is None:
-            raise ValueError(
-                "ImagingQualityReward: pass checkpoint=<musiq_spaq_ckpt-358bb6af.pth | 'owner/repo/file'>, "
-                "or random_init=True for random weights (tests/benchmarks)."
-            )
-        self.checkpoint = checkpoint
-        self.model = model.to(self.device, dtype).eval() if model is not None else None
+        self._set_weights(checkpoint, random_init, model, "musiq_spaq_ckpt-358bb6af.pth | 'owner/repo/file'")
         self.frame_batch_size = int(frame_batch_size)
         self.max_side = int(max_side)
 

@@ -78,13 +78,7 @@ class MotionSmoothnessReward(VideoReward):
         pair_batch_size: int = 8,
     ):
         super().__init__(device, dtype)
-        if checkpoint is None and not random_init and model is None:
-            raise ValueError(
-                "MotionSmoothnessReward: pass checkpoint=<amt-s.pth | 'owner/repo/amt-s.pth'>, "
-                "or random_init=True for random weights (tests/benchmarks)."
-            )
-        self.checkpoint = checkpoint
-        self.model = model.to(self.device, dtype).eval() if model is not None else None
+        self._set_weights(checkpoint, random_init, model, "amt-s.pth | 'owner/repo/amt-s.pth'")
         self.pair_batch_size = int(pair_batch_size)
 
     def _build(self) -> None:
