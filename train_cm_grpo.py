@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from raven_video.training.script_utils import (
+    check_video_args,
     check_distributed,
     init_trackers,
     latent_shape,
@@ -166,13 +167,7 @@ def validate_args(args, world_size: int = 1) -> None:
     CMGRPOConfig(group_size=args.group_size, groups_per_infer=args.groups_per_infer, policy_kernel=args.policy_kernel,
                  noise_level=args.noise_level, skip_timesteps=args.skip_timesteps, beta=args.beta,
                  slices_per_step=args.slices_per_step)
-    if args.num_frames < 1 or (args.num_frames - 1) % 4:
-        k = max((args.num_frames - 1) // 4, 0)
-        raise ValueError(f"--num_frames {args.num_frames} is not of the form 4k+1; use {4 * k + 1} or {4 * k + 5}.")
-    for name in ("height", "width"):
-        value = getattr(args, name)
-        if value <= 0 or value % 16:
-            raise ValueError(f"--{name} {value} must be a positive multiple of 16 (VAE stride 8 x patch 2).")
+    check_video_args(args)
     for name in ("max_train_steps", "checkpointing_steps", "rank"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} {getattr(args, name)} must be >= 1.")

@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from raven_video.training.script_utils import (
+    check_video_args,
     check_distributed,
     init_trackers,
     latent_shape,
@@ -122,13 +123,7 @@ def validate_args(args) -> None:
     if args.history in ("teacher_forcing", "diffusion_forcing") and not args.latent_dataset:
         raise ValueError(f"--history {args.history} builds its history from real-video latents: pass "
                          "--latent_dataset (see scripts/precompute_latents.py).")
-    if args.num_frames < 1 or (args.num_frames - 1) % 4:
-        k = max((args.num_frames - 1) // 4, 0)
-        raise ValueError(f"--num_frames {args.num_frames} is not of the form 4k+1; use {4 * k + 1} or {4 * k + 5}.")
-    for name in ("height", "width"):
-        value = getattr(args, name)
-        if value <= 0 or value % 16:
-            raise ValueError(f"--{name} {value} must be a positive multiple of 16 (VAE stride 8 x patch 2).")
+    check_video_args(args)
     for name in ("ttur", "max_train_steps", "train_batch_size", "checkpointing_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} {getattr(args, name)} must be >= 1.")

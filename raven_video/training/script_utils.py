@@ -16,6 +16,17 @@ import torch
 logger = logging.getLogger(__name__)
 
 
+def check_video_args(args) -> None:
+    """``--num_frames`` of the form 4k+1 and ``--height/--width`` multiples of 16, before any model is loaded."""
+    if args.num_frames < 1 or (args.num_frames - 1) % 4:
+        k = max((args.num_frames - 1) // 4, 0)
+        raise ValueError(f"--num_frames {args.num_frames} is not of the form 4k+1; use {4 * k + 1} or {4 * k + 5}.")
+    for name in ("height", "width"):
+        value = getattr(args, name)
+        if value <= 0 or value % 16:
+            raise ValueError(f"--{name} {value} must be a positive multiple of 16 (VAE stride 8 x patch 2).")
+
+
 def latent_shape(args, student_cfg: dict) -> tuple:
     """``(B, C, F, H, W)`` and validation of the chunking (spec §1.5)."""
     from raven_video.models.attention_layout import chunk_sizes
