@@ -5,6 +5,8 @@ of ``generate.py`` (no ``--model``: a tiny RANDOM pipeline whose output is noise
 
     from raven_video.testing import tiny_pipeline, tiny_causal_transformer, tiny_vae, tiny_tokenizer
 
+(`tiny_pass_through_vae` is a tiny VAE whose decoded brightness follows latent channel 0, for reward tests.)
+
 Shape conventions kept equal to Wan2.1 so the pipeline code paths are the real ones:
 - the VAE keeps `z_dim=16` (= the transformer's `in_channels`/`out_channels`, and the 16-entry `latents_mean/std`
   of the real Wan VAE are reused, so de-normalisation is exercised with real numbers), the temporal stride 4
@@ -116,6 +118,73 @@ def tiny_vae(seed: int = 0, dtype: torch.dtype = torch.float32, base_dim: int = 
     if dtype != torch.float32:
         vae = vae.to(dtype)
     return vae.eval()
+
+
+def tiny_pass_through_vae(seed: int = 0) -> AutoencoderKLWan:
+    r"""
+    The :func:`tiny_vae` architecture with a hand-set decoder whose pixel brightness follows the first latent channel.
+
+    A random tiny VAE is nearly blind to its latents (its RMS norms and random convolutions average shifts away:
+    the mean brightness of a decoded video moves by ~0.003 when a latent channel moves by 3), so a reward on decoded
+    videos cannot see what a tiny transformer learns. This decoder makes every pixel of every RGB channel a
+    monotonic function of latent channel 0 at the same place and time (after the pipeline's de-normalisation):
+    `pixel = clamp(3 * silu(u / sqrt(u**2 + 36)) - 0.3, -1, 1)`, `u = c + 4`, `c = latent[0] * std[0] + mean[0]`
+    (the +4 centres the tiny random transformer's channel-0 output, about -4, so brightness can move both ways),
+    through the real `AutoencoderKLWan` code (residual branches and the attention projection are zeroed, the
+    shortcuts and the up-samplers' spatial and temporal convolutions are channel-identities, `conv_in` adds a
+    constant channel of 6 so the final RMS norm keeps the first channel's size). Used by the end-to-end RL test, where a brightness reward must be
+    movable. The encoder keeps its random weights.
+    """
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanAttentionBlock, WanResample, WanResidualBlock
+
+    vae = tiny_vae(seed=seed)
+
+    def channel_identity(weight: torch.Tensor, out_offset: int = 0) -> None:
+        # a centre (spatial) / last (causal time) tap mapping input channel i to output channel out_offset + i
+        n = min(weight.shape[0] - out_offset, weight.shape[1])
+        tap = tuple(k // 2 for k in weight.shape[2:])
+        if weight.ndim == 5:  # causal 3-D kernel: the current frame is the last temporal tap
+            tap = (weight.shape[2] - 1, *tap[1:])
+        for i in range(n):
+            weight[(out_offset + i, i, *tap)] = 1.0
+
+    with torch.no_grad():
+        decoder = vae.decoder
+        for module in decoder.modules():
+            if isinstance(module, WanResidualBlock):
+                module.conv2.weight.zero_()
+                module.conv2.bias.zero_()
+                if not isinstance(module.conv_shortcut, torch.nn.Identity):
+                    module.conv_shortcut.weight.zero_()
+                    module.conv_shortcut.bias.zero_()
+                    channel_identity(module.conv_shortcut.weight)
+            elif isinstance(module, WanAttentionBlock):
+                module.proj.weight.zero_()
+                module.proj.bias.zero_()
+            elif isinstance(module, WanResample) and module.mode.startswith("upsample"):
+                conv = module.resample[1]
+                conv.weight.zero_()
+                conv.bias.zero_()
+                channel_identity(conv.weight)
+                if module.mode == "upsample3d":  # two output frames per input frame: channels [0, c) and [c, 2c)
+                    module.time_conv.weight.zero_()
+                    module.time_conv.bias.zero_()
+                    channel_identity(module.time_conv.weight)
+                    channel_identity(module.time_conv.weight, out_offset=module.dim)
+        for conv in (vae.post_quant_conv,):
+            conv.weight.zero_()
+            conv.bias.zero_()
+            channel_identity(conv.weight)
+        decoder.conv_in.weight.zero_()
+        decoder.conv_in.bias.zero_()
+        decoder.conv_in.weight[0, 0, -1, 1, 1] = 1.0
+        decoder.conv_in.bias[0] = 4.0
+        decoder.conv_in.bias[1] = 6.0
+        decoder.norm_out.gamma.fill_(1.0 / decoder.norm_out.scale)  # plain x / ||x|| over channels
+        decoder.conv_out.weight.zero_()
+        decoder.conv_out.weight[:, 0, -1, 1, 1] = 3.0
+        decoder.conv_out.bias.fill_(-0.3)
+    return vae
 
 
 def tiny_scheduler() -> FlowMatchLCMScheduler:

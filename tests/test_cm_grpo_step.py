@@ -138,9 +138,9 @@ def test_lora_updates_raise_a_reward_the_tiny_model_can_move(kernel):
     """The CM-GRPO machinery (group rollouts on the trained kernel, group advantages, the transition-kernel loss
     through the interleaved forward, AdamW on LoRA only) raises the mean reward on held-out seeds.
 
-    The reward is the mean of the first output-latent channel: the tiny random model moves it easily. (Rewards of
-    decoded videos are not usable for this check on tiny models: the random VAE's normalisations make them nearly
-    insensitive to the latents -- brightness varies by ~0.002 across samples -- so parameter drift dominates.)
+    The reward is the mean of the first output-latent channel: the tiny random model moves it easily. (The same check
+    through decoded videos and the script's entry point is in ``test_train_cm_grpo.py``; it needs
+    ``tiny_pass_through_vae``, since a random tiny VAE hides latent changes from pixel rewards.)
     """
     from raven_video.training.cm_grpo import group_advantages
     from raven_video.training.cm_grpo_step import CMGRPOConfig, group_rollouts, lora_config, policy_loss

@@ -96,3 +96,18 @@ def test_wrong_shapes_raise_clear_errors(vae):
         decoder.decode_chunk(_latents(frames=3, height=6))
     with pytest.raises(TypeError, match="AutoencoderKLWan"):
         StreamingWanDecoder(torch.nn.Conv3d(1, 1, 1))
+
+
+def test_pass_through_vae_maps_latent_channel_0_to_brightness():
+    """The RL test's decoder: every RGB pixel is the documented monotonic function of latent channel 0."""
+    from raven_video.testing import tiny_pass_through_vae
+
+    z = torch.randn(1, 16, 3, 4, 6, generator=torch.Generator().manual_seed(0)) * 2
+    with torch.no_grad():
+        video = tiny_pass_through_vae().decode(z).sample
+    u = z[:, 0] + 4
+    expected = (3 * torch.nn.functional.silu(u / torch.sqrt(u**2 + 36)) - 0.3).clamp(-1, 1)
+    # pixel frame 0 <- latent frame 0; frames 1..4 <- latent frame 1, ...; 8x nearest upsampling in space
+    for frame, latent_frame in ((0, 0), (1, 1), (4, 1), (8, 2)):
+        for channel in range(3):
+            torch.testing.assert_close(video[0, channel, frame, ::8, ::8], expected[0, latent_frame])
