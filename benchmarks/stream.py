@@ -76,6 +76,9 @@ def main():
                    help="eager | realtime (pipe.enable_realtime()) | realtime-nooverlap | realtime-cudnn-attn "
                         "(diffusers' _native_cudnn for every attention) | realtime-selfattn-<cudnn|flash|fa3>")
     p.add_argument("--compile_mode", default=None, help="torch.compile mode for the realtime modes")
+    p.add_argument("--vae_conv", default=None, help="realtime modes: enable_realtime(vae_conv=...) (taps2d, ...)")
+    p.add_argument("--vae_fuse", action="store_true", help="realtime modes: enable_realtime(vae_fuse=True)")
+    p.add_argument("--vae_channels_last", action="store_true", help="realtime modes: enable_realtime(vae_channels_last=True)")
     args = p.parse_args()
     if args.tiny:
         args.num_frames, args.height, args.width, args.repeats = 33, 64, 96, 1
@@ -97,6 +100,9 @@ def main():
             overlap_decode=args.mode != "realtime-nooverlap",
             attention_backend="_native_cudnn" if args.mode == "realtime-cudnn-attn" else None,
             self_attention_kernel=args.mode.split("-")[-1] if args.mode.startswith("realtime-selfattn-") else None,
+            vae_conv=args.vae_conv,
+            vae_fuse=args.vae_fuse,
+            vae_channels_last=args.vae_channels_last,
             **kwargs,
         )
     tic = time.perf_counter()
@@ -138,6 +144,10 @@ def main():
         "num_frames": args.num_frames,
         "resolution": f"{args.height}x{args.width}",
         "vae_dtype": args.vae_dtype,
+        "vae_conv": args.vae_conv,
+        "vae_fuse": args.vae_fuse,
+        "compile_mode": args.compile_mode,
+        "vae_channels_last": args.vae_channels_last,
         "total_s": round(best[0], 4),
         "fps": round(args.num_frames / best[0], 2),
         "first_chunk_latency_s": round(best[1][0], 4),

@@ -1,18 +1,20 @@
 """Streaming Wan VAE decode of 81 frames at 480x832 (21 latent frames, 7 chunks), random weights: what each lever buys.
 
-Variants: eager bf16; + cudnn.benchmark; + channels_last_3d; + torch.compile of every decoder residual block / the
-mid block / up blocks (regional). Prints ONE JSON line with seconds per full decode (best of 3 after a warm-up) and
-the max abs difference to the eager output.
+Variants: eager bf16; + cudnn.benchmark; + channels_last_3d; the causal-convolution implementations of ``raven_video.pipelines.vae_fast`` (``conv3d``, ``taps2d``,
+``stack2d``), alone and with ``fuse_decoder_pointwise``; and, per decoder convolution shape, the time of one call of each implementation. Prints ONE JSON line
+with seconds per full decode (best of 3 after a warm-up) and the max abs difference to the eager output.
 """
 
 from __future__ import annotations
 
 import json
 import time
+import types
 
 import torch
 from diffusers import AutoencoderKLWan
 
+from raven_video.pipelines.vae_fast import _FORWARDS, fuse_decoder_pointwise, set_causal_conv_impl
 from raven_video.pipelines.vae_streaming import StreamingWanDecoder
 
 
@@ -32,6 +34,38 @@ def timed(vae, latents, repeats=3):
         torch.cuda.synchronize()
         best = min(best, time.perf_counter() - tic)
     return best, out
+
+
+def per_conv_times(vae):
+    """One call of each implementation on the decoder's 3x3x3 convolution shapes (2 cache frames + T new ones)."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
+    shapes = {(384, 1, 60, 104), (384, 2, 120, 208), (192, 4, 240, 416), (96, 4, 480, 832)}
+    times = {}
+    for channels, frames, height, width in sorted(shapes):
+        conv = WanCausalConv3d(channels, channels, 3, padding=1).to("cuda", torch.bfloat16)
+        x = torch.randn(1, channels, frames, height, width, device="cuda", dtype=torch.bfloat16)
+        cache = torch.randn(1, channels, 2, height, width, device="cuda", dtype=torch.bfloat16)
+        flop = 2 * channels * channels * 27 * frames * height * width
+        row = {}
+        for impl in ("diffusers", "conv3d", "taps2d", "stack2d"):
+            conv.__dict__.pop("forward", None)
+            if impl != "diffusers":
+                conv.forward = types.MethodType(_FORWARDS[impl], conv)
+            args = (x, cache) if impl == "diffusers" else (  # the fast paths keep activations channels-last
+                x.contiguous(memory_format=torch.channels_last_3d), cache.contiguous(memory_format=torch.channels_last_3d))
+            for _ in range(3):
+                conv(*args)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(10):
+                conv(*args)
+            end.record()
+            torch.cuda.synchronize()
+            ms = start.elapsed_time(end) / 10
+            row[impl] = {"ms": round(ms, 3), "tflops": round(flop / ms / 1e9, 1)}
+        times[f"C{channels}_T{frames}_{height}x{width}"] = row
+    return times
 
 
 def main():
@@ -55,11 +89,20 @@ def main():
         result["channels_last_3d_max_abs_diff"] = (out.float() - ref.float()).abs().max().item()
         for m in convs:
             m.to(memory_format=torch.contiguous_format)
-        for block in [*vae.decoder.up_blocks, vae.decoder.mid_block]:
-            block.compile()
-        t, out = timed(vae, latents)
-        result["compiled_blocks_s"] = round(t, 3)
-        result["compiled_blocks_max_abs_diff"] = (out.float() - ref.float()).abs().max().item()
+        for impl in ("conv3d", "taps2d", "stack2d"):
+            set_causal_conv_impl(vae, impl)
+            t, out = timed(vae, latents)
+            result[f"{impl}_s"] = round(t, 3)
+            result[f"{impl}_max_abs_diff"] = (out.float() - ref.float()).abs().max().item()
+        for impl in ("conv3d", "taps2d"):
+            set_causal_conv_impl(vae, impl)
+            fuse_decoder_pointwise(vae)
+            t, out = timed(vae, latents)
+            result[f"{impl}_fused_s"] = round(t, 3)
+            result[f"{impl}_fused_max_abs_diff"] = (out.float() - ref.float()).abs().max().item()
+            fuse_decoder_pointwise(vae, enable=False)
+        set_causal_conv_impl(vae, "diffusers")
+        result["per_conv_ms"] = per_conv_times(vae)
     result["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     print(json.dumps(result))
 

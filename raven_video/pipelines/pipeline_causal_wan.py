@@ -257,6 +257,8 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         cudnn_benchmark: bool = True,
         self_attention_kernel: str | None = None,
         vae_channels_last: bool = False,
+        vae_conv: str | None = None,
+        vae_fuse: bool = False,
         **compile_kwargs,
     ) -> "CausalWanPipeline":
         """Turn on the fast streaming path (outputs equal the eager path up to kernel numerics; see BENCHMARKS.md).
@@ -275,6 +277,10 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                 ``"flash"``, ``"fa3"``, ...; see ``CausalWanTransformer3DModel.set_self_attention_kernel``).
             vae_channels_last: store the VAE's 3-D convolution weights as ``channels_last_3d`` (H100: streamed
                 decode of 81 frames 2.10 -> 1.75 s in bf16, BENCHMARKS.md; outputs differ by bf16 rounding only).
+            vae_conv: implementation of the VAE decoder's causal 3-D convolutions (``"taps2d"``, ``"stack2d"``,
+                ``"conv3d"`` or ``"diffusers"``), see :func:`~raven_video.pipelines.vae_fast.set_causal_conv_impl`.
+            vae_fuse: fuse the VAE decoder's RMS norm + SiLU pairs and upsample in bf16, see
+                :func:`~raven_video.pipelines.vae_fast.fuse_decoder_pointwise`.
         """
         if compile:
             self.transformer.compile_streaming(**compile_kwargs)
@@ -286,6 +292,16 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             for module in self.vae.modules():
                 if isinstance(module, torch.nn.Conv3d):
                     module.to(memory_format=torch.channels_last_3d)
+        if vae_fuse and vae_conv is None:
+            vae_conv = "conv3d"  # the fused residual blocks keep channels-last activations; so should the rest
+        if vae_conv is not None and self.vae is not None:
+            from .vae_fast import set_causal_conv_impl
+
+            set_causal_conv_impl(self.vae, vae_conv)
+        if vae_fuse and self.vae is not None:
+            from .vae_fast import fuse_decoder_pointwise
+
+            fuse_decoder_pointwise(self.vae)
         if cudnn_benchmark:
             torch.backends.cudnn.benchmark = True
         self._overlap_decode = overlap_decode

@@ -1,0 +1,104 @@
+"""Where the GPU time of one streamed 81-frame video goes: ``torch.profiler`` over ``benchmarks/stream.py``'s setting.
+
+Prints ONE JSON line: total CUDA time per kernel name (top ``--top``), grouped into categories (GEMM, attention,
+convolution, pointwise/reduction, copies), for the transformer-only run (``output_type="latent"``) and the full run
+(VAE decode included). A development tool for issue 6; numbers go to BENCHMARKS.md only through ``stream.py``.
+
+    python benchmarks/profile_stream.py --mode realtime --vae_conv conv3d --vae_fuse
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stream import build_pipeline, run_once  # noqa: E402
+
+CATEGORIES = [
+    ("attention", r"flash|fmha|attention|sdpa|cudnn.*(mha|sdpa)|sm90_.*(fprop|mha)|triton_tem_fused.*flex"),
+    ("convolution", r"conv|implicit_gemm|cudnn|xmma_fprop|sm90_xmma"),
+    ("gemm", r"gemm|cutlass|sm90_xmma_gemm|nvjet|matmul|mm_"),
+    ("copy", r"copy|cat|memcpy|memset|fill"),
+]
+
+
+def categorize(name: str) -> str:
+    lowered = name.lower()
+    for category, pattern in CATEGORIES:
+        if re.search(pattern, lowered):
+            return category
+    return "pointwise/other"
+
+
+def kernel_table(prof, top: int) -> dict:
+    per_name = defaultdict(lambda: [0.0, 0])
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            per_name[event.name][0] += event.device_time / 1000.0  # ms
+            per_name[event.name][1] += 1
+    categories = defaultdict(float)
+    for name, (ms, _) in per_name.items():
+        categories[categorize(name)] += ms
+    ranked = sorted(per_name.items(), key=lambda kv: -kv[1][0])[:top]
+    return {
+        "cuda_ms_total": round(sum(ms for ms, _ in per_name.values()), 1),
+        "by_category_ms": {k: round(v, 1) for k, v in sorted(categories.items(), key=lambda kv: -kv[1])},
+        "top_kernels": [{"name": n[:120], "ms": round(ms, 2), "calls": c, "category": categorize(n)}
+                        for n, (ms, c) in ranked],
+    }
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--mode", default="realtime", choices=("eager", "realtime"))
+    p.add_argument("--vae_conv", default=None)
+    p.add_argument("--vae_fuse", action="store_true")
+    p.add_argument("--top", type=int, default=30)
+    args = p.parse_args()
+    args.tiny, args.num_frames, args.height, args.width, args.vae_dtype = False, 81, 480, 832, "bf16"
+    pipe = build_pipeline(args, "cuda", torch.bfloat16)
+    text = torch.randn(1, 512, pipe.transformer.config.text_dim, device="cuda", dtype=torch.bfloat16)
+    if args.mode == "realtime":
+        pipe.enable_realtime(vae_conv=args.vae_conv, vae_fuse=args.vae_fuse)
+    for _ in range(2):
+        run_once(pipe, text, args, "cuda", "pt")
+    result = {"benchmark": "profile_stream", "mode": args.mode, "vae_conv": args.vae_conv, "vae_fuse": args.vae_fuse}
+    for output_type in ("latent", "pt"):
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            run_once(pipe, text, args, "cuda", output_type)
+            torch.cuda.synchronize()
+        result["dit_only" if output_type == "latent" else "full"] = kernel_table(prof, args.top)
+    result["vae_ops"] = vae_op_table(pipe.vae, args.top)
+    print(json.dumps(result))
+
+
+def vae_op_table(vae, top: int) -> list:
+    """Self CUDA time per (aten op, input shapes) of one streamed decode of 21 latent frames, top ``top``."""
+    from raven_video.pipelines.vae_streaming import StreamingWanDecoder
+
+    latents = torch.randn(1, 16, 21, 60, 104, device="cuda", dtype=torch.bfloat16)
+
+    def decode():
+        decoder = StreamingWanDecoder(vae)
+        for start in range(0, 21, 3):
+            decoder.decode_chunk(latents[:, :, start:start + 3])
+        torch.cuda.synchronize()
+
+    decode()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+        decode()
+    rows = sorted(prof.key_averages(group_by_input_shape=True), key=lambda e: -e.self_device_time_total)[:top]
+    return [{"op": e.key, "shapes": str(e.input_shapes)[:160], "self_cuda_ms": round(e.self_device_time_total / 1000, 2),
+             "calls": e.count} for e in rows]
+
+
+if __name__ == "__main__":
+    main()
