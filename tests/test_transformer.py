@@ -233,3 +233,39 @@ def test_block_mask_built_from_block_summaries_equals_create_block_mask(frames, 
                 k = int(num[0, 0, row])
                 assert sorted(a[0, 0, row, :k].tolist()) == sorted(b[0, 0, row, :k].tolist())
         assert n > 0
+
+
+def test_full_history_cache_attends_over_a_view_and_equals_concatenation(monkeypatch):
+    """With the full history (window -1) a chunk's K/V go straight into their slots and attention reads one buffer
+    view; the result equals the concatenation path bit for bit. Rolling windows and gradients keep concatenating."""
+    import dataclasses
+
+    from raven_video.models import kv_cache as kv
+
+    model = tiny_causal_transformer(dtype=torch.float64)
+    tpf = (H // 2) * (W // 2)
+    cache = model.new_kv_cache(B, H, W, max_frames=9)
+    assert cache.plan(0, 3, write=False).span == (0, 3 * tpf)
+    cache.commit(0, 3)
+    assert cache.plan(3, 3, write=False).span == (3 * tpf, 6 * tpf)
+    assert model.new_kv_cache(B, H, W, local_attn_size=6).plan(0, 3, write=False).span is None
+
+    noisy, clean, text, u = _inputs(9, torch.float64)
+
+    def run():
+        cache = model.new_kv_cache(B, H, W, max_frames=9)
+        out = []
+        for start in (0, 3, 6):
+            out.append(model(noisy[:, :, start:start + 3], u, text, kv_cache=cache, frame_offset=start).sample)
+            model(clean[:, :, start:start + 3], torch.zeros(B, dtype=torch.float64), None, kv_cache=cache,
+                  frame_offset=start, update_cache=True)
+        return torch.cat(out, 2), cache
+
+    with torch.no_grad():
+        fast, fast_cache = run()
+        plan = kv.WanKVCache.plan
+        monkeypatch.setattr(kv.WanKVCache, "plan", lambda self, *a, **k: dataclasses.replace(plan(self, *a, **k),
+                                                                                              span=None))
+        slow, slow_cache = run()
+    assert torch.equal(fast, slow)
+    assert all(torch.equal(a, b) for a, b in zip(fast_cache.keys, slow_cache.keys))

@@ -29,6 +29,9 @@ class CachePlan:
 
     read_ranges: tuple[tuple[int, int], ...]
     write_ranges: tuple[tuple[int, int, int, int], ...]  # (buffer_start, buffer_end, chunk_start, chunk_end)
+    # (start, end) token range of the chunk's own slots when the visible history is exactly the buffer's
+    # [0, start): the chunk's K/V can then be written there and attention reads one view, no concatenation
+    span: tuple[int, int] | None = None
 
 
 class WanKVCache:
@@ -145,7 +148,14 @@ class WanKVCache:
                 slot = self._slot(frame_start + i)
                 if slot >= 0:
                     writes.append((slot * tpf, (slot + 1) * tpf, i * tpf, (i + 1) * tpf))
-        return CachePlan(tuple(read), tuple(_merge_writes(writes)))
+        span = None
+        if self.local_attn_size == -1 and chunk_end <= self.capacity_frames:
+            # full history: frame f lives in slot f, and slots >= frame_start are read by nobody before the
+            # chunk's cache pass overwrites them, so even a denoising pass may put its K/V there
+            start, end = frame_start * tpf, chunk_end * tpf
+            if tuple(read) in ((), ((0, start),)):
+                span = (start, end)
+        return CachePlan(tuple(read), tuple(_merge_writes(writes)), span)
 
     def commit(self, frame_start: int, num_frames: int) -> None:
         """Record that frames ``[frame_start, frame_start + num_frames)`` were written."""
@@ -163,18 +173,33 @@ class KVCacheLayer:
 
     def __init__(self, cache: WanKVCache, index: int, plan: CachePlan):
         self.cache, self.index, self.plan = cache, index, plan
+        self._in_buffer = False  # the chunk's K/V already sit in their slots (see `extend`)
 
     def extend(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[cached visible K ; key]`` along the sequence axis. ``key``: ``[B, L, H, D]``."""
-        if not self.plan.read_ranges:
-            return key, value
+        """``[cached visible K ; key]`` along the sequence axis. ``key``: ``[B, L, H, D]``.
+
+        With a full-history plan (``plan.span``) and no gradient to keep, the chunk's K/V are written into their own
+        slots and the result is a view of the buffer (copying only the chunk, not the whole history); otherwise a
+        concatenation.
+        """
         keys = self.cache.keys[self.index]
         values = self.cache.values[self.index]
+        span = self.plan.span
+        if (span is not None and span[1] - span[0] == key.shape[1] and keys.shape[0] == key.shape[0]
+                and not (torch.is_grad_enabled() and (key.requires_grad or value.requires_grad))):
+            keys[:, span[0]:span[1]] = key
+            values[:, span[0]:span[1]] = value
+            self._in_buffer = True
+            return keys[:, :span[1]], values[:, :span[1]]
+        if not self.plan.read_ranges:
+            return key, value
         ks = [keys[:, a:b] for a, b in self.plan.read_ranges] + [key]
         vs = [values[:, a:b] for a, b in self.plan.read_ranges] + [value]
         return torch.cat(ks, dim=1), torch.cat(vs, dim=1)
 
     def write(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        if self._in_buffer:  # `extend` already put exactly these K/V in their slots
+            return
         for a, b, s, e in self.plan.write_ranges:
             self.cache.keys[self.index][:, a:b] = key[:, s:e].detach()
             self.cache.values[self.index][:, a:b] = value[:, s:e].detach()
