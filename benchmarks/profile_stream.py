@@ -4,7 +4,7 @@ Prints ONE JSON line: total CUDA time per kernel name (top ``--top``), grouped i
 convolution, pointwise/reduction, copies), for the transformer-only run (``output_type="latent"``) and the full run
 (VAE decode included). A development tool for issue 6; numbers go to BENCHMARKS.md only through ``stream.py``.
 
-    python benchmarks/profile_stream.py --mode realtime --vae_conv conv3d --vae_fuse
+    python benchmarks/profile_stream.py --mode realtime
 """
 
 from __future__ import annotations
@@ -60,17 +60,20 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--mode", default="realtime", choices=("eager", "realtime"))
     p.add_argument("--vae_conv", default=None)
-    p.add_argument("--vae_fuse", action="store_true")
+    p.add_argument("--no_vae_fuse", action="store_true")
+    p.add_argument("--no_cuda_graphs", action="store_true")
     p.add_argument("--top", type=int, default=30)
     args = p.parse_args()
     args.tiny, args.num_frames, args.height, args.width, args.vae_dtype = False, 81, 480, 832, "bf16"
     pipe = build_pipeline(args, "cuda", torch.bfloat16)
     text = torch.randn(1, 512, pipe.transformer.config.text_dim, device="cuda", dtype=torch.bfloat16)
     if args.mode == "realtime":
-        pipe.enable_realtime(vae_conv=args.vae_conv, vae_fuse=args.vae_fuse)
-    for _ in range(2):
+        pipe.enable_realtime(vae_conv=args.vae_conv, vae_fuse=not args.no_vae_fuse,
+                             cuda_graphs=not args.no_cuda_graphs)
+    for _ in range(3):  # compile, CUDA-graph capture, one replay
         run_once(pipe, text, args, "cuda", "pt")
-    result = {"benchmark": "profile_stream", "mode": args.mode, "vae_conv": args.vae_conv, "vae_fuse": args.vae_fuse}
+    result = {"benchmark": "profile_stream", "mode": args.mode, "vae_conv": args.vae_conv,
+              "vae_fuse": not args.no_vae_fuse, "cuda_graphs": not args.no_cuda_graphs}
     for output_type in ("latent", "pt"):
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             run_once(pipe, text, args, "cuda", output_type)

@@ -77,7 +77,8 @@ def main():
                         "(diffusers' _native_cudnn for every attention) | realtime-selfattn-<cudnn|flash|fa3>")
     p.add_argument("--compile_mode", default=None, help="torch.compile mode for the realtime modes")
     p.add_argument("--vae_conv", default=None, help="realtime modes: enable_realtime(vae_conv=...) (taps2d, ...)")
-    p.add_argument("--vae_fuse", action="store_true", help="realtime modes: enable_realtime(vae_fuse=True)")
+    p.add_argument("--no_vae_fuse", action="store_true", help="realtime modes: enable_realtime(vae_fuse=False)")
+    p.add_argument("--no_cuda_graphs", action="store_true", help="realtime modes: enable_realtime(cuda_graphs=False)")
     p.add_argument("--vae_channels_last", action="store_true", help="realtime modes: enable_realtime(vae_channels_last=True)")
     args = p.parse_args()
     if args.tiny:
@@ -101,7 +102,8 @@ def main():
             attention_backend="_native_cudnn" if args.mode == "realtime-cudnn-attn" else None,
             self_attention_kernel=args.mode.split("-")[-1] if args.mode.startswith("realtime-selfattn-") else None,
             vae_conv=args.vae_conv,
-            vae_fuse=args.vae_fuse,
+            vae_fuse=not args.no_vae_fuse,
+            cuda_graphs=not args.no_cuda_graphs,
             vae_channels_last=args.vae_channels_last,
             **kwargs,
         )
@@ -145,7 +147,8 @@ def main():
         "resolution": f"{args.height}x{args.width}",
         "vae_dtype": args.vae_dtype,
         "vae_conv": args.vae_conv,
-        "vae_fuse": args.vae_fuse,
+        "vae_fuse": args.mode != "eager" and not args.no_vae_fuse,
+        "cuda_graphs": args.mode != "eager" and not args.no_cuda_graphs,
         "compile_mode": args.compile_mode,
         "vae_channels_last": args.vae_channels_last,
         "total_s": round(best[0], 4),
@@ -158,6 +161,8 @@ def main():
         "peak_mem_gb": round(peak, 2) if peak is not None else None,
         "warmup_s": round(warmup_s, 2),
         "max_abs_diff_vs_eager_latents": max_diff,
+        "cuda_graphs_captured": len(pipe._graphs.graphs) if getattr(pipe, "_graphs", None) else None,
+        "cuda_graphs_disabled_reason": getattr(getattr(pipe, "_graphs", None), "disabled_reason", None),
         "flops": flops.as_dict(),
         "floor_s_at_800_tflops": round(floor, 4),
         "floor_ratio": round(floor / best[0], 3),

@@ -42,7 +42,8 @@ def test_enable_realtime_matches_eager_and_does_not_recompile_per_chunk(eager_fr
     from torch._dynamo.utils import counters
 
     counters.clear()
-    pipe = tiny_pipeline(seed=0).enable_realtime(backend="aot_eager", cudnn_benchmark=False)
+    # the transformer's graphs only (the fused VAE kernels' own count is checked in test_vae_fast.py)
+    pipe = tiny_pipeline(seed=0).enable_realtime(backend="aot_eager", cudnn_benchmark=False, vae_fuse=False)
     pipe.set_progress_bar_config(disable=True)
     fast = pipe("a cat walks", generator=torch.Generator().manual_seed(0), output_type="pt", **SIZE).frames
     torch.testing.assert_close(fast, eager_frames, rtol=0, atol=1e-5)
@@ -80,3 +81,35 @@ def test_vae_channels_last_keeps_outputs(eager_frames):
     assert conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
     out = pipe("a cat walks", generator=torch.Generator().manual_seed(0), output_type="pt", **SIZE).frames
     torch.testing.assert_close(out, eager_frames, rtol=0, atol=1e-4)
+
+
+def test_cuda_graph_runner_keeps_cache_addresses_and_stays_eager_on_cpu(eager_frames):
+    """What CUDA graphs rely on, checked on CPU: one KV cache per stream shape (reset, not reallocated), text K/V
+    rewritten in place for a new prompt, RoPE tables cached; on CPU the runner runs eagerly with equal outputs."""
+    pipe = tiny_pipeline(seed=0).enable_realtime(compile=False, cudnn_benchmark=False, cuda_graphs=True)
+    pipe.set_progress_bar_config(disable=True)
+    graphs = pipe._graphs
+    cache = graphs.cache_for(1, 4, 6, max_frames=9, device="cpu")
+    cache.keys[0].fill_(1.0)
+    cache.slot_frame[0] = 0
+    assert graphs.cache_for(1, 4, 6, max_frames=9, device="cpu") is cache and cache.cached_frames() == []
+    assert graphs.cache_for(1, 4, 8, max_frames=9, device="cpu") is not cache  # another shape: a new cache
+
+    model = pipe.transformer
+    text = torch.randn(1, 7, 32)
+    cache = model.new_kv_cache(1, 4, 6, max_frames=3)
+    with torch.no_grad():
+        model(torch.randn(1, 16, 3, 4, 6), torch.zeros(1), text, kv_cache=cache)
+        storage = cache.text_keys[0].data_ptr()
+        first = cache.text_keys[0].clone()
+        cache.reset_text()
+        model(torch.randn(1, 16, 3, 4, 6), torch.zeros(1), text + 1, kv_cache=cache)
+    assert cache.text_keys[0].data_ptr() == storage and not torch.equal(cache.text_keys[0], first)
+    tables = model._rotary([3, 4, 5], 2, 3, "cpu")
+    assert model._rotary([3, 4, 5], 2, 3, "cpu") is tables
+    torch.testing.assert_close(tables[0], model._rotary_tables_uncached([3, 4, 5], 2, 3, "cpu")[0], rtol=0, atol=0)
+
+    for _ in range(2):  # the second stream reuses the first one's cache
+        out = pipe("a cat walks", generator=torch.Generator().manual_seed(0), output_type="pt", **SIZE).frames
+        torch.testing.assert_close(out, eager_frames, rtol=0, atol=1e-5)
+    assert graphs.graphs == {} and graphs.disabled_reason is None  # CPU: nothing captured

@@ -88,6 +88,7 @@ class WanKVCache:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.text_keys: list[torch.Tensor | None] = [None] * num_layers
         self.text_values: list[torch.Tensor | None] = [None] * num_layers
+        self._text_storage = ([None] * num_layers, [None] * num_layers)  # kept across `reset_text` (see set_text)
         self.slot_frame = [-1] * capacity  # video frame index held by each slot, -1 = empty
 
     # ------------------------------------------------------------------ state
@@ -208,8 +209,17 @@ class KVCacheLayer:
         return self.cache.text_keys[self.index], self.cache.text_values[self.index]
 
     def set_text(self, key: torch.Tensor, value: torch.Tensor) -> None:
-        self.cache.text_keys[self.index] = key.detach()
-        self.cache.text_values[self.index] = value.detach()
+        # text K/V of a new prompt go into the previous prompt's storage when it fits, so their memory addresses stay
+        # fixed across prompts and streams (CUDA graphs captured once keep reading the right tensors)
+        store = self.cache._text_storage
+        for i, (tensor, slot) in enumerate(((key, self.cache.text_keys), (value, self.cache.text_values))):
+            tensor = tensor.detach()
+            old = store[i][self.index]
+            if (old is not None and old.shape == tensor.shape and old.dtype == tensor.dtype
+                    and old.device == tensor.device and not torch.is_grad_enabled()):
+                tensor = old.copy_(tensor)
+            store[i][self.index] = tensor
+            slot[self.index] = tensor
 
 
 def _merge(ranges):

@@ -361,8 +361,24 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
             device=device or self.device,
         )
 
+    _ROTARY_CACHE_SIZE = 64
+
     def _rotary(self, positions: list[int], pph: int, ppw: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE tables ``[1, F*pph*ppw, 1, head_dim]`` for arbitrary temporal positions (spec §2: frame offsets)."""
+        """RoPE tables ``[1, F*pph*ppw, 1, head_dim]`` for arbitrary temporal positions (spec §2: frame offsets).
+
+        Cached per (positions, grid, device, table version): a streaming forward then launches no table kernels and
+        copies nothing from the host, which CUDA-graph capture needs (`enable_realtime(cuda_graphs=True)`).
+        """
+        rope = self.rope
+        key = (tuple(positions), pph, ppw, str(device), rope.freqs_cos.data_ptr(), rope.freqs_cos._version)
+        cache = self.__dict__.setdefault("_rotary_tables", {})
+        if key not in cache:
+            if len(cache) >= self._ROTARY_CACHE_SIZE:
+                cache.pop(next(iter(cache)))
+            cache[key] = self._rotary_tables_uncached(positions, pph, ppw, device)
+        return cache[key]
+
+    def _rotary_tables_uncached(self, positions, pph, ppw, device) -> tuple[torch.Tensor, torch.Tensor]:
         rope = self.rope
         if max(positions) >= rope.max_seq_len:
             raise ValueError(
