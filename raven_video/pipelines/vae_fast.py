@@ -167,22 +167,17 @@ def set_causal_conv_impl(vae: AutoencoderKLWan, impl: str = "taps2d") -> int:
 # its own function (own compiled code, own recompile budget); rows are dynamic, the channel count static.
 
 
-def _rows_norm_silu(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``silu(F.normalize(rows, dim=-1) * weight)`` in fp32, rounded once. ``rows``: ``[N, C]``."""
-    return F.silu(F.normalize(rows.float(), dim=-1) * weight).to(rows.dtype)
+def _rows_norm_silu(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``silu(F.normalize(rows + bias, dim=-1) * weight)`` in fp32, rounded once. ``rows``: ``[N, C]``; ``bias``: the
+    previous convolution's, added here instead of by the convolution."""
+    x = rows.float() if bias is None else rows.float() + bias.float()
+    return F.silu(F.normalize(x, dim=-1) * weight).to(rows.dtype)
 
 
-def _rows_pad_norm_silu(front: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``cat([front, silu(normalize(rows) * weight)])``: a causal convolution's input with its cached frames."""
-    y = F.silu(F.normalize(rows.float(), dim=-1) * weight).to(rows.dtype)
-    return torch.cat([front, y], dim=0)
-
-
-def _rows_pad_bias_norm_silu(front: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor,
-                             weight: torch.Tensor) -> torch.Tensor:
-    """As :func:`_rows_pad_norm_silu` on ``rows + bias`` (the previous convolution's bias, added here)."""
-    y = F.silu(F.normalize(rows.float() + bias.float(), dim=-1) * weight).to(rows.dtype)
-    return torch.cat([front, y], dim=0)
+def _rows_pad_norm_silu(front: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``cat([front, _rows_norm_silu(rows, weight, bias)])``: a causal convolution's input with its cached frames."""
+    return torch.cat([front, _rows_norm_silu(rows, weight, bias)], dim=0)
 
 
 def _rows_residual(rows: torch.Tensor, shortcut: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -190,8 +185,7 @@ def _rows_residual(rows: torch.Tensor, shortcut: torch.Tensor, bias: torch.Tenso
     return (rows.float() + bias.float() + shortcut.float()).to(rows.dtype)
 
 
-_ROW_KERNELS = {f.__name__: f for f in (_rows_norm_silu, _rows_pad_norm_silu, _rows_pad_bias_norm_silu,
-                                         _rows_residual)}
+_ROW_KERNELS = {f.__name__: f for f in (_rows_norm_silu, _rows_pad_norm_silu, _rows_residual)}
 _COMPILED: dict = {}
 
 
@@ -260,13 +254,10 @@ def _padded_norm_silu(norm: WanRMS_norm, x: torch.Tensor, bias, feat_cache, feat
         memory_format=torch.channels_last_3d)
     if cached is not None and missing > 0:
         front = torch.cat([front, cached.to(x.device)], dim=2)
-    compiled = norm.__dict__.get("_raven_compile", False)
-    if bias is None:
-        rows = _row_kernel("_rows_pad_norm_silu", compiled, channels)(_rows(front), _rows(x), _norm_weight(norm))
-    else:
+    if bias is not None:
         torch._dynamo.mark_static(bias, 0)
-        kernel = _row_kernel("_rows_pad_bias_norm_silu", compiled, channels)
-        rows = kernel(_rows(front), _rows(x), bias, _norm_weight(norm))
+    kernel = _row_kernel("_rows_pad_norm_silu", norm.__dict__.get("_raven_compile", False), channels)
+    rows = kernel(_rows(front), _rows(x), _norm_weight(norm), bias)
     padded = _unrows(rows, batch, height, width)
     if feat_cache is not None:
         feat_cache[feat_idx[0]] = padded[:, :, -CACHE_T:].clone()
