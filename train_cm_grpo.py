@@ -24,6 +24,8 @@ import torch
 from tqdm.auto import tqdm
 
 from raven_video.training.script_utils import (
+    add_optimizer_arguments,
+    add_run_arguments,
     check_video_args,
     check_distributed,
     init_trackers,
@@ -99,14 +101,7 @@ def parse_args(input_args=None):
     p.add_argument("--slices_per_step", type=int, default=2, help="Rollouts per forward/backward (micro-batch).")
     # optimisation (Appendix A)
     p.add_argument("--learning_rate", type=float, default=5e-6)
-    p.add_argument("--adam_beta1", type=float, default=0.0)
-    p.add_argument("--adam_beta2", type=float, default=0.999)
-    p.add_argument("--adam_epsilon", type=float, default=1e-10)
-    p.add_argument("--adam_weight_decay", type=float, default=0.0)
-    p.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit (CUDA).")
-    p.add_argument("--gradient_checkpointing", action="store_true")
-    p.add_argument("--mixed_precision", type=str, default=None, choices=("no", "fp16", "bf16"))
-    p.add_argument("--max_grad_norm", type=float, default=1000.0, help="Reference default 1000 (= no clipping).")
+    add_optimizer_arguments(p, adam_epsilon=1e-10)
     p.add_argument("--ema_decay", type=float, default=0.9675, help="EMA of the LoRA parameters, per optimizer step.")
     p.add_argument("--export_weights", type=str, default="ema", choices=("ema", "raw"),
                    help="Which LoRA weights the exports hold (spec §10.16: the release's choice is unverified).")
@@ -114,14 +109,7 @@ def parse_args(input_args=None):
     p.add_argument("--max_train_steps", type=int, default=160)
     p.add_argument("--seed", type=int, default=20001019)
     # checkpoints, logging, validation, export
-    p.add_argument("--output_dir", type=str, default="cm-grpo-output")
-    p.add_argument("--checkpointing_steps", type=int, default=80)
-    p.add_argument("--checkpoints_total_limit", type=int, default=None)
-    p.add_argument("--resume_from_checkpoint", type=str, default=None, help="'latest' or a checkpoint folder.")
-    p.add_argument("--report_to", type=str, default="tensorboard", choices=("tensorboard", "wandb", "none"))
-    p.add_argument("--logging_dir", type=str, default="logs")
-    p.add_argument("--validation_steps", type=int, default=None)
-    p.add_argument("--validation_prompts", type=str, nargs="*", default=None)
+    add_run_arguments(p, output_dir="cm-grpo-output", checkpointing_steps=80)
     p.add_argument("--no_merged_export", action="store_true", help="Skip the merged pipeline folder.")
     p.add_argument("--no_bundle_export", action="store_true", help="Skip the base + LoRA bundle folder.")
     p.add_argument("--push_to_hub", action="store_true",

@@ -16,6 +16,30 @@ import torch
 logger = logging.getLogger(__name__)
 
 
+def add_optimizer_arguments(p, *, adam_epsilon: float) -> None:
+    """AdamW, precision and clipping flags shared by the training scripts (reference defaults: beta1 0, no clipping)."""
+    p.add_argument("--adam_beta1", type=float, default=0.0)
+    p.add_argument("--adam_beta2", type=float, default=0.999)
+    p.add_argument("--adam_epsilon", type=float, default=adam_epsilon)
+    p.add_argument("--adam_weight_decay", type=float, default=0.0)
+    p.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit (CUDA).")
+    p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--mixed_precision", type=str, default=None, choices=("no", "fp16", "bf16"))
+    p.add_argument("--max_grad_norm", type=float, default=1000.0, help="Reference default 1000 (= no clipping).")
+
+
+def add_run_arguments(p, *, output_dir: str, checkpointing_steps: int) -> None:
+    """Checkpoint, resume, logging and validation flags shared by the training scripts."""
+    p.add_argument("--output_dir", type=str, default=output_dir)
+    p.add_argument("--checkpointing_steps", type=int, default=checkpointing_steps)
+    p.add_argument("--checkpoints_total_limit", type=int, default=None)
+    p.add_argument("--resume_from_checkpoint", type=str, default=None, help="'latest' or a checkpoint folder.")
+    p.add_argument("--report_to", type=str, default="tensorboard", choices=("tensorboard", "wandb", "none"))
+    p.add_argument("--logging_dir", type=str, default="logs")
+    p.add_argument("--validation_steps", type=int, default=None)
+    p.add_argument("--validation_prompts", type=str, nargs="*", default=None)
+
+
 def check_video_args(args) -> None:
     """``--num_frames`` of the form 4k+1 and ``--height/--width`` multiples of 16, before any model is loaded."""
     if args.num_frames < 1 or (args.num_frames - 1) % 4:
