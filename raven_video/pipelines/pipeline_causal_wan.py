@@ -116,6 +116,10 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
     _callback_tensor_inputs = ["latents"]
+    # real-time state, set by `enable_realtime` (plain attributes: not pipeline components or config)
+    _overlap_decode = False
+    _side_stream = None
+    _graphs = None
 
     def __init__(
         self,
@@ -242,8 +246,8 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         return noise
 
     def _decode_stream(self, device):
-        if getattr(self, "_overlap_decode", False) and torch.device(device).type == "cuda":
-            if getattr(self, "_side_stream", None) is None:
+        if self._overlap_decode and torch.device(device).type == "cuda":
+            if self._side_stream is None:
                 self._side_stream = torch.cuda.Stream(device=device)
             return self._side_stream
         return None
@@ -325,9 +329,8 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         """Flow prediction for one chunk; CFG as ``neg + w (pos - neg)`` (spec §10.12) on a ``[neg; pos]`` batch."""
         model_in = torch.cat([latents, latents]) if guidance_scale > 1.0 else latents
         timestep = t.expand(model_in.shape[0])  # fp32: bf16 would turn 938 into 936
-        graphs = getattr(self, "_graphs", None)
-        if graphs is not None and text is None:
-            v = graphs.run(model_in.to(self.transformer.dtype), timestep, cache, frame_offset, update_cache=False)
+        if self._graphs is not None and text is None:
+            v = self._graphs.run(model_in.to(self.transformer.dtype), timestep, cache, frame_offset, update_cache=False)
         else:
             v = self.transformer(
                 model_in.to(self.transformer.dtype), timestep, text, kv_cache=cache, frame_offset=frame_offset
@@ -340,9 +343,8 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
     def _cache_pass(self, clean, text, cache, frame_offset, guidance_scale):
         model_in = torch.cat([clean, clean]) if guidance_scale > 1.0 else clean
         zero = torch.zeros(model_in.shape[0], dtype=torch.float32, device=clean.device)
-        graphs = getattr(self, "_graphs", None)
-        if graphs is not None and text is None:
-            graphs.run(model_in.to(self.transformer.dtype), zero, cache, frame_offset, update_cache=True)
+        if self._graphs is not None and text is None:
+            self._graphs.run(model_in.to(self.transformer.dtype), zero, cache, frame_offset, update_cache=True)
             return
         self.transformer(
             model_in.to(self.transformer.dtype), zero, text, kv_cache=cache, frame_offset=frame_offset,
@@ -450,9 +452,8 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         window = transformer.config.local_attn_size if local_attn_size is None else local_attn_size
         cache_kwargs = dict(max_frames=latent_frames if window == -1 else None, local_attn_size=local_attn_size,
                             sink_size=sink_size, device=device)
-        graphs = getattr(self, "_graphs", None)
-        if graphs is not None and torch.device(device).type == "cuda":
-            cache = graphs.cache_for(text.shape[0], lh, lw, **cache_kwargs)  # reused: graphs keep its addresses
+        if self._graphs is not None and torch.device(device).type == "cuda":
+            cache = self._graphs.cache_for(text.shape[0], lh, lw, **cache_kwargs)  # reused: graphs keep its addresses
         else:
             cache = transformer.new_kv_cache(text.shape[0], lh, lw, **cache_kwargs)
         decoder = None

@@ -130,14 +130,14 @@ def _switchable(module: torch.nn.Module) -> bool:
     )
 
 
-def set_causal_conv_impl(vae: AutoencoderKLWan, impl: str = "taps2d") -> int:
+def set_causal_conv_impl(vae: AutoencoderKLWan, impl: str = "conv3d") -> int:
     r"""
     Switch the causal 3-D convolutions of a Wan VAE's decoder (and ``post_quant_conv``) to ``impl``.
 
     Args:
         vae: a diffusers ``AutoencoderKLWan``.
-        impl: one of ``"diffusers"`` (restore the original forward), ``"conv3d"``, ``"taps2d"``, ``"stack2d"``
-            (module docstring; ``BENCHMARKS.md`` has their H100 times).
+        impl: one of ``"diffusers"`` (restore the original forward), ``"conv3d"`` (the fastest on an H100),
+            ``"taps2d"``, ``"stack2d"`` (module docstring; ``BENCHMARKS.md`` has their H100 times).
 
     Returns:
         The number of convolutions switched.
@@ -292,10 +292,6 @@ def _native_dtype_upsample_forward(self: WanUpsample, x: torch.Tensor) -> torch.
     return torch.nn.Upsample.forward(self, x)  # nearest: copies values, so no fp32 round trip is needed
 
 
-def _is_silu(module: torch.nn.Module) -> bool:
-    return isinstance(module, torch.nn.SiLU)
-
-
 def fuse_decoder_pointwise(vae: AutoencoderKLWan, enable: bool = True, compile: bool = True) -> int:
     r"""
     Fuse the Wan VAE decoder's "RMS norm -> SiLU" pairs into one kernel and upsample without an fp32 round trip.
@@ -325,8 +321,8 @@ def fuse_decoder_pointwise(vae: AutoencoderKLWan, enable: bool = True, compile: 
         norm.__dict__.pop("_raven_weight", None)
     if not enable:
         return len(modules)
-    if not (_is_silu(decoder.nonlinearity) and all(_is_silu(m.nonlinearity) for m in modules
-                                                   if isinstance(m, WanResidualBlock))):
+    activations = [decoder.nonlinearity] + [m.nonlinearity for m in modules if isinstance(m, WanResidualBlock)]
+    if not all(isinstance(a, torch.nn.SiLU) for a in activations):
         raise ValueError("fuse_decoder_pointwise fuses RMS norm + SiLU; this VAE's decoder uses another activation.")
     for norm in norms:
         norm.__dict__["_raven_compile"] = compile
