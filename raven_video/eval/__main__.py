@@ -25,6 +25,9 @@ from typing import Dict, List, Optional
 
 import torch
 
+ALLOW_PICKLE_HELP = ("consent to unpickle reward checkpoints that torch.load(weights_only=True) refuses; unpickling runs "
+                     "code stored in the file: trusted files only")
+
 
 def _read_prompts(path: Optional[str]) -> Optional[List[str]]:
     if path is None:
@@ -70,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", default=None)
     p.add_argument("--raft_checkpoint", default=None, help="raft-things.pth (VBench cache) or torchvision C_T_V1 file")
     p.add_argument("--flow_backend", default="raft", choices=["raft", "farneback"])
+    p.add_argument("--allow_pickle", action="store_true", help=ALLOW_PICKLE_HELP)
     p.add_argument("--num_flicker_prompts", type=int, default=75)
     p.add_argument("--flicker_samples", type=int, default=25)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -102,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--videoalign_checkpoint", default=None, help="VideoReward folder")
     p.add_argument("--reward_device", default=None)
     p.add_argument("--random_init", action="store_true", help="random reward weights (smoke tests only)")
+    p.add_argument("--allow_pickle", action="store_true", help=ALLOW_PICKLE_HELP)
     p.add_argument("--out_dir", required=True)
     p.add_argument("--save_videos", action="store_true")
     return parser
@@ -123,7 +128,8 @@ def _build_rewards(args):
     if args.videoalign_base or args.videoalign_checkpoint:
         ckpts["text_alignment"] = {"base_model": args.videoalign_base, "checkpoint": args.videoalign_checkpoint}
     device = args.reward_device or args.device
-    return [build_reward(n, ckpts, random_init=args.random_init, device=device) for n in names]
+    return [build_reward(n, ckpts, random_init=args.random_init, device=device, allow_pickle=args.allow_pickle)
+            for n in names]
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -151,7 +157,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     elif args.command == "static-filter":
         from raven_video.rewards.dynamic_degree import DynamicDegreeReward
 
-        dd = DynamicDegreeReward(args.raft_checkpoint, flow_backend=args.flow_backend, device=args.device)
+        dd = DynamicDegreeReward(args.raft_checkpoint, flow_backend=args.flow_backend, device=args.device,
+                                 allow_pickle=args.allow_pickle)
         record = static_filter(dd, args.out_dir, load_vbench_prompts(args.prompts), args.num_flicker_prompts,
                                args.flicker_samples, progress=progress)
         print(json.dumps({"prompts": len(record), "static": sum(len(v["static"]) for v in record.values())}))

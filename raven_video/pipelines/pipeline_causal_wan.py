@@ -12,6 +12,8 @@ window + attention sink for streams longer than the training length.
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -566,9 +568,34 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         hub.write_hub_layout(save_directory)
 
     @classmethod
+    def load_config(cls, *args, **kwargs):
+        """``model_index.json`` as diffusers reads it, with our shim entries mapped onto the installed classes, so
+        loading never imports the folder's shim files (:func:`~raven_video.pipelines.hub.installed_index`)."""
+        loaded = super().load_config(*args, **kwargs)
+        if isinstance(loaded, tuple):
+            return (hub.installed_index(loaded[0]), *loaded[1:])
+        return hub.installed_index(loaded)
+
+    @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """Load a folder or Hub repo. Our own shim files (byte-identical to the ones we write) are trusted without
-        ``trust_remote_code``; any other remote code still needs ``trust_remote_code=True``."""
-        if kwargs.get("trust_remote_code") is None and hub.has_our_shims(pretrained_model_name_or_path, **kwargs):
-            kwargs["trust_remote_code"] = True
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        """Load a ``CausalWanPipeline`` folder or Hub repo with the installed ``raven_video`` classes.
+
+        No file of the folder is ever imported: the ``trust_remote_code`` shims it carries (for ``DiffusionPipeline``
+        users) are read as "the installed class", and a folder naming any other custom code (a pipeline file, a
+        component module) is refused with an error naming it, unless ``trust_remote_code=True`` is passed, which hands
+        those modules to diffusers to import. Other keyword arguments as ``DiffusionPipeline.from_pretrained``.
+        """
+        path = os.fspath(pretrained_model_name_or_path)
+        if kwargs.get("trust_remote_code"):
+            return super().from_pretrained(path, **kwargs)
+        if os.path.isdir(path):
+            index_path = os.path.join(path, "model_index.json")
+            if not os.path.isfile(index_path):
+                raise FileNotFoundError(f"{path!r} has no model_index.json: it is not a saved pipeline folder.")
+            with open(index_path) as f:
+                hub.refuse_foreign_code(json.load(f), f"folder {path!r}")
+            return super().from_pretrained(path, **kwargs)
+        folder = hub.download(path, **kwargs)
+        pipe = super().from_pretrained(folder, **{k: v for k, v in kwargs.items() if k not in hub.DOWNLOAD_KWARGS})
+        pipe.register_to_config(_name_or_path=path)
+        return pipe

@@ -42,11 +42,12 @@ def vbench_clip_transform(frames: torch.Tensor, size: int = 224) -> torch.Tensor
     return (x - mean) / std
 
 
-def build_laion_linear_head(checkpoint: Optional[str] = None, embed_dim: int = 768) -> torch.nn.Linear:
+def build_laion_linear_head(checkpoint: Optional[str] = None, embed_dim: int = 768,
+                            allow_pickle: bool = False) -> torch.nn.Linear:
     """LAION aesthetic linear head (``sa_0_4_vit_l_14_linear.pth``: ``{'weight': [1, D], 'bias': [1]}``)."""
     if checkpoint is None:
         return torch.nn.Linear(embed_dim, 1)
-    sd = torch_load(checkpoint)
+    sd = torch_load(checkpoint, allow_pickle=allow_pickle)
     if not (isinstance(sd, dict) and "weight" in sd and "bias" in sd):
         raise ValueError(
             f"{checkpoint}: expected the LAION linear head state dict {{'weight', 'bias'}} "
@@ -79,6 +80,8 @@ class AestheticReward(VideoReward):
         random_init: random ``ViT-L-14-quickgelu`` visual tower and head (tests, benchmarks).
         clip_visual, head: already built modules (the visual tower of an open_clip ``CLIP`` and a ``Linear(D, 1)``).
         device, dtype: CLIP runs in ``dtype`` (RAVEN: bf16, VBench on GPU: fp16); the head in fp32.
+        allow_pickle: consent to unpickle a checkpoint that ``torch.load(weights_only=True)`` refuses (it runs code
+            stored in the file: trusted files only; see :func:`~raven_video.rewards.base.torch_load`).
         frame_batch_size: frames per CLIP forward (VBench: 32).
     """
 
@@ -97,10 +100,11 @@ class AestheticReward(VideoReward):
         model_name: str = "ViT-L-14-quickgelu",
         device: Union[str, torch.device, None] = None,
         dtype: torch.dtype = torch.float32,
+        allow_pickle: bool = False,
         frame_batch_size: int = 32,
         image_size: int = 224,
     ):
-        super().__init__(device, dtype)
+        super().__init__(device, dtype, allow_pickle)
         given = clip_visual is not None and head is not None
         if not random_init and not given and (clip_checkpoint is None or head_checkpoint is None):
             raise ValueError(
@@ -129,7 +133,7 @@ class AestheticReward(VideoReward):
         head_path = None
         if self.head_checkpoint is not None:
             head_path = str(resolve_checkpoint(self.head_checkpoint, "sa_0_4_vit_l_14_linear.pth", self.name))
-        head = build_laion_linear_head(head_path, embed_dim)
+        head = build_laion_linear_head(head_path, embed_dim, allow_pickle=self.allow_pickle)
         if head.in_features != embed_dim:
             raise ValueError(f"{self.name}: head expects {head.in_features}-d embeddings but CLIP gives {embed_dim}-d")
         self.model = visual.to(self.device, self.dtype).eval().requires_grad_(False)

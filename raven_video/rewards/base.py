@@ -26,7 +26,9 @@ builds the real architecture with random weights (tests, speed/memory benchmarks
 from __future__ import annotations
 
 import os
+import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
@@ -159,14 +161,30 @@ def resolve_checkpoint(spec: Union[str, os.PathLike], default_filename: Optional
     )
 
 
-def torch_load(path: Union[str, os.PathLike], weights_only: bool = True):
-    """``torch.load`` on CPU; falls back to ``weights_only=False`` for legacy pickles (trusted, user-given files)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=weights_only)
-    except Exception:  # noqa: BLE001
-        if not weights_only:
-            raise
+def torch_load(path: Union[str, os.PathLike], allow_pickle: bool = False):
+    """Load a checkpoint on the CPU without running code from it.
+
+    ``.safetensors`` files load with safetensors; anything else with ``torch.load(weights_only=True)`` (tensors,
+    containers and plain numbers only). A file that also pickles Python objects is refused with an error naming the
+    opt-in, unless ``allow_pickle=True`` (the ``--allow_pickle`` flag): unpickling runs code, so only for files you
+    trust (a warning says so).
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    if allow_pickle:
+        warnings.warn(f"unpickling {path} with weights_only=False (allow_pickle=True): this runs code stored in the "
+                      "file; use it only for checkpoints you trust.", UserWarning, stacklevel=2)
         return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"{path} pickles Python objects besides tensors, which loading would run. If you trust the file, opt in "
+            "with allow_pickle=True (CLI: --allow_pickle); better, convert it to safetensors."
+        ) from err
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -184,9 +202,11 @@ class VideoReward:
     min_frames: int = 1
     needs_prompts: bool = False
 
-    def __init__(self, device: Union[str, torch.device, None] = None, dtype: torch.dtype = torch.float32):
+    def __init__(self, device: Union[str, torch.device, None] = None, dtype: torch.dtype = torch.float32,
+                 allow_pickle: bool = False):
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.dtype = dtype
+        self.allow_pickle = bool(allow_pickle)  # consent to unpickle this reward's checkpoint (see torch_load)
         self.model = None
 
     # -- lifecycle -------------------------------------------------------------------------------------------

@@ -119,9 +119,12 @@ def parse_reward_weights(spec: Union[str, Mapping[str, float]]) -> Dict[str, flo
     if not isinstance(spec, str):
         raise TypeError(f"reward weights must be a string 'name=w,...' or a dict, got {type(spec).__name__}")
     pairs: Dict[str, float] = {}
-    tokens = [t.strip() for t in spec.replace(";", ",").split(",") if t.strip()]
-    if not tokens:
+    tokens = [t.strip() for t in spec.replace(";", ",").split(",")]
+    if not any(tokens):
         raise ValueError("empty reward spec: expected 'name=weight,name=weight', e.g. 'dynamic_degree=0.35,aesthetic=1'")
+    if not all(tokens):
+        raise ValueError(f"reward spec {spec!r} has an empty entry (a doubled or trailing comma); expected "
+                         "'name=weight,name=weight', e.g. 'dynamic_degree=0.35,aesthetic=1'")
     for token in tokens:
         if "=" not in token:
             raise ValueError(f"bad reward spec token {token!r}: expected 'name=weight', e.g. 'aesthetic=1'")
@@ -152,11 +155,13 @@ def normalize_per_group(values: torch.Tensor, group_ids: Optional[torch.Tensor] 
 
 
 def build_reward(name: str, checkpoints: Optional[Mapping[str, object]] = None, *, random_init: bool = False,
-                 device=None, dtype: torch.dtype = torch.float32, **kwargs) -> VideoReward:
+                 device=None, dtype: torch.dtype = torch.float32, allow_pickle: bool = False, **kwargs) -> VideoReward:
     """Construct the reward model ``name`` (a key of :data:`REWARD_FIELDS`) lazily.
 
     ``checkpoints`` maps reward names to what that reward's constructor takes: a path / Hub reference string, or a
     dict of constructor keyword arguments (e.g. ``{"aesthetic": {"clip_checkpoint": ..., "head_checkpoint": ...}}``).
+    ``allow_pickle`` consents to unpickling checkpoints that ``torch.load(weights_only=True)`` refuses (trusted files
+    only: unpickling runs code).
     """
     from . import aesthetic, dynamic_degree, imaging_quality, motion_smoothness, proxies, text_alignment
 
@@ -179,6 +184,7 @@ def build_reward(name: str, checkpoints: Optional[Mapping[str, object]] = None, 
     }
     if name in proxy_classes:
         return proxy_classes[name](device=device, **kwargs)
+    kwargs["allow_pickle"] = allow_pickle
     if isinstance(spec, Mapping):
         return factories[name](**{**kwargs, **spec}, random_init=random_init, device=device, dtype=dtype)
     if name == "aesthetic" and isinstance(spec, str):
@@ -219,6 +225,7 @@ class RewardComposer:
         rewards: reward objects providing the weighted fields; a missing one raises ``ValueError`` unless
             ``build_missing=True`` (then built with :func:`build_reward` from ``checkpoints``).
         aggregation: ``"normalize_then_sum"`` (RAVEN) or ``"weighted_sum"``.
+        allow_pickle: passed to the rewards it builds (consent to unpickle trusted checkpoints, see ``torch_load``).
     """
 
     def __init__(
@@ -232,6 +239,7 @@ class RewardComposer:
         random_init: bool = False,
         device=None,
         dtype: torch.dtype = torch.float32,
+        allow_pickle: bool = False,
     ):
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"unknown aggregation {aggregation!r}; use one of {AGGREGATIONS}")
@@ -248,7 +256,8 @@ class RewardComposer:
                     f"no reward model provides {field!r}: pass a {model_name!r} reward in rewards=[...] "
                     "or build_missing=True with checkpoints"
                 )
-            reward = build_reward(model_name, checkpoints, random_init=random_init, device=device, dtype=dtype)
+            reward = build_reward(model_name, checkpoints, random_init=random_init, device=device, dtype=dtype,
+                                  allow_pickle=allow_pickle)
             self.rewards.append(reward)
             provided.update(reward.fields)
 

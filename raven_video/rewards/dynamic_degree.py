@@ -94,13 +94,13 @@ def convert_princeton_raft_state_dict(state_dict: Dict[str, torch.Tensor]) -> Di
     return out
 
 
-def build_raft_large(checkpoint: Optional[str] = None) -> torch.nn.Module:
+def build_raft_large(checkpoint: Optional[str] = None, allow_pickle: bool = False) -> torch.nn.Module:
     """torchvision ``raft_large`` with random weights, or loaded (``strict=True``) from a local checkpoint in either
     torchvision or princeton-vl layout (plain state dict, ``{'state_dict': ...}`` or ``module.``-prefixed)."""
     tv = import_torchvision()
     model = tv.models.optical_flow.raft_large(weights=None, progress=False)
     if checkpoint is not None:
-        sd = torch_load(checkpoint)
+        sd = torch_load(checkpoint, allow_pickle=allow_pickle)
         if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
             sd = sd["state_dict"]
         model.load_state_dict(convert_princeton_raft_state_dict(sd), strict=True)
@@ -155,6 +155,8 @@ class DynamicDegreeReward(VideoReward):
         flow_backend: ``"raft"`` (default, VBench parity) or ``"farneback"`` (OpenCV, weight-free: CPU work, tiny
             videos, and testing the VBench scoring pipeline on real photos without weights).
         device, dtype: where/how RAFT runs (VBench and RAVEN use fp32).
+        allow_pickle: consent to unpickle a checkpoint that ``torch.load(weights_only=True)`` refuses (it runs code
+            stored in the file: trusted files only; see :func:`~raven_video.rewards.base.torch_load`).
         num_flow_updates: RAFT refinement iterations (VBench: 20).
         target_fps: frame subsampling target (VBench: 8 fps -> every ``round(fps / 8)``-th frame).
         top_fraction: fraction of largest magnitudes averaged per pair (VBench DD: 0.05).
@@ -173,13 +175,14 @@ class DynamicDegreeReward(VideoReward):
         model: Optional[torch.nn.Module] = None,
         device: Union[str, torch.device, None] = None,
         dtype: torch.dtype = torch.float32,
+        allow_pickle: bool = False,
         num_flow_updates: int = 20,
         target_fps: float = 8.0,
         top_fraction: float = 0.05,
         pair_batch_size: int = 8,
         flow_backend: str = "raft",
     ):
-        super().__init__(device, dtype)
+        super().__init__(device, dtype, allow_pickle)
         if flow_backend not in ("raft", "farneback"):
             raise ValueError(f"DynamicDegreeReward: flow_backend must be 'raft' or 'farneback', got {flow_backend!r}")
         self.flow_backend = flow_backend
@@ -201,7 +204,7 @@ class DynamicDegreeReward(VideoReward):
 
     def _build(self) -> None:
         path = None if self.checkpoint is None else str(resolve_checkpoint(self.checkpoint, "raft-things.pth", self.name))
-        self.model = build_raft_large(path).to(self.device, self.dtype)
+        self.model = build_raft_large(path, allow_pickle=self.allow_pickle).to(self.device, self.dtype)
 
     def frame_indices(self, num_frames: int, fps: float) -> List[int]:
         """VBench: ``interval = max(1, round(fps / 8))``; frames ``0, interval, 2 * interval, ...``."""

@@ -34,7 +34,7 @@ def vbench_longer_resize(frames: torch.Tensor, max_side: int = 512) -> torch.Ten
     return frames.float() / 255.0
 
 
-def build_musiq(checkpoint: Optional[str] = None) -> torch.nn.Module:
+def build_musiq(checkpoint: Optional[str] = None, allow_pickle: bool = False) -> torch.nn.Module:
     """pyiqa MUSIQ with a 1-d (SPAQ) head: random, or loaded ``strict=True`` from a local file."""
     import_torchvision()
     try:
@@ -46,7 +46,7 @@ def build_musiq(checkpoint: Optional[str] = None) -> torch.nn.Module:
         ) from e
     model = MUSIQ(num_class=1, pretrained=False)
     if checkpoint is not None:
-        sd = torch_load(checkpoint)
+        sd = torch_load(checkpoint, allow_pickle=allow_pickle)
         if isinstance(sd, dict) and "params" in sd and isinstance(sd["params"], dict):
             sd = sd["params"]
         sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
@@ -64,6 +64,8 @@ class ImagingQualityReward(VideoReward):
         random_init: random MUSIQ (tests, benchmarks).
         model: an already built pyiqa MUSIQ.
         device, dtype: RAVEN runs MUSIQ in bf16; VBench in fp32.
+        allow_pickle: consent to unpickle a checkpoint that ``torch.load(weights_only=True)`` refuses (it runs code
+            stored in the file: trusted files only; see :func:`~raven_video.rewards.base.torch_load`).
         frame_batch_size: frames per MUSIQ forward.
         max_side: VBench ``longer`` resize target (512).
     """
@@ -80,10 +82,11 @@ class ImagingQualityReward(VideoReward):
         model: Optional[torch.nn.Module] = None,
         device: Union[str, torch.device, None] = None,
         dtype: torch.dtype = torch.float32,
+        allow_pickle: bool = False,
         frame_batch_size: int = 16,
         max_side: int = 512,
     ):
-        super().__init__(device, dtype)
+        super().__init__(device, dtype, allow_pickle)
         self._set_weights(checkpoint, random_init, model, "musiq_spaq_ckpt-358bb6af.pth | 'owner/repo/file'")
         self.frame_batch_size = int(frame_batch_size)
         self.max_side = int(max_side)
@@ -92,7 +95,7 @@ class ImagingQualityReward(VideoReward):
         path = None
         if self.checkpoint is not None:
             path = str(resolve_checkpoint(self.checkpoint, "musiq_spaq_ckpt-358bb6af.pth", self.name))
-        self.model = build_musiq(path).to(self.device, self.dtype)
+        self.model = build_musiq(path, allow_pickle=self.allow_pickle).to(self.device, self.dtype)
         self.model.training = False
 
     def _score(self, frames, prompts, fps) -> Dict[str, torch.Tensor]:

@@ -31,7 +31,7 @@ __all__ = ["MotionSmoothnessReward", "build_amt_s", "AMT_S_CONFIG"]
 AMT_S_CONFIG = dict(corr_radius=3, corr_lvls=4, num_flows=3)
 
 
-def build_amt_s(checkpoint: Optional[str] = None) -> torch.nn.Module:
+def build_amt_s(checkpoint: Optional[str] = None, allow_pickle: bool = False) -> torch.nn.Module:
     """AMT-S from the ``vbench`` package, random or loaded ``strict=True`` from an ``amt-s.pth``-style file
     (``{'state_dict': {...}}`` or a plain state dict, optional ``module.`` prefix)."""
     ensure_torchvision_importable()
@@ -44,7 +44,7 @@ def build_amt_s(checkpoint: Optional[str] = None) -> torch.nn.Module:
         ) from e
     model = amt.Model(**AMT_S_CONFIG)
     if checkpoint is not None:
-        ckpt = torch_load(checkpoint, weights_only=False)  # official file is a plain pickle of a dict
+        ckpt = torch_load(checkpoint, allow_pickle=allow_pickle)
         sd = ckpt["state_dict"] if isinstance(ckpt, dict) and "state_dict" in ckpt else ckpt
         sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
         model.load_state_dict(sd, strict=True)
@@ -60,6 +60,8 @@ class MotionSmoothnessReward(VideoReward):
         random_init: random AMT-S weights (tests, speed benchmarks).
         model: an already built AMT-S module.
         device, dtype: where/how AMT-S runs (VBench/RAVEN: fp32).
+        allow_pickle: consent to unpickle a checkpoint that ``torch.load(weights_only=True)`` refuses (it runs code
+            stored in the file: trusted files only; see :func:`~raven_video.rewards.base.torch_load`).
         pair_batch_size: frame pairs per AMT forward.
     """
 
@@ -75,15 +77,16 @@ class MotionSmoothnessReward(VideoReward):
         model: Optional[torch.nn.Module] = None,
         device: Union[str, torch.device, None] = None,
         dtype: torch.dtype = torch.float32,
+        allow_pickle: bool = False,
         pair_batch_size: int = 8,
     ):
-        super().__init__(device, dtype)
+        super().__init__(device, dtype, allow_pickle)
         self._set_weights(checkpoint, random_init, model, "amt-s.pth | 'owner/repo/amt-s.pth'")
         self.pair_batch_size = int(pair_batch_size)
 
     def _build(self) -> None:
         path = None if self.checkpoint is None else str(resolve_checkpoint(self.checkpoint, "amt-s.pth", self.name))
-        self.model = build_amt_s(path).to(self.device, self.dtype)
+        self.model = build_amt_s(path, allow_pickle=self.allow_pickle).to(self.device, self.dtype)
 
     def interpolate(self, img0: torch.Tensor, img1: torch.Tensor) -> torch.Tensor:
         """Midpoint frames. ``img0, img1``: uint8 ``[N, 3, H, W]`` -> uint8 ``[N, 3, H, W]``."""

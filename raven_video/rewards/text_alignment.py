@@ -303,6 +303,8 @@ class VideoAlignReward(VideoReward):
         output_dim: reward head width (1 with special tokens, VideoAlign's default; 3 supported).
         target_fps, max_pixels: sampling (2 fps) and per-frame pixel budget (200 704).
         device, dtype: RAVEN uses bf16; attention is PyTorch SDPA (flash-attn is optional, not required).
+        allow_pickle: consent to unpickle a checkpoint that ``torch.load(weights_only=True)`` refuses (it runs code
+            stored in the file: trusted files only; see :func:`~raven_video.rewards.base.torch_load`).
         use_norm: apply :data:`VIDEOALIGN_NORM`.
     """
 
@@ -324,10 +326,11 @@ class VideoAlignReward(VideoReward):
         max_pixels: int = VIDEO_MAX_FRAME_PIXELS,
         device: Union[str, torch.device, None] = None,
         dtype: torch.dtype = torch.float32,
+        allow_pickle: bool = False,
         use_norm: bool = True,
         attn_implementation: str = "sdpa",
     ):
-        super().__init__(device, dtype)
+        super().__init__(device, dtype, allow_pickle)
         if not random_init and (base_model is None or checkpoint is None):
             raise ValueError(
                 "VideoAlignReward: pass base_model=<Qwen2-VL-2B-Instruct folder> and checkpoint=<VideoReward folder "
@@ -368,7 +371,7 @@ class VideoAlignReward(VideoReward):
             config = Qwen2VLConfig.from_pretrained(base)
             tokenizer = self.tokenizer or AutoTokenizer.from_pretrained(base, padding_side="right")
             path, cfg = _find_model_pth(str(resolve_checkpoint(self.checkpoint, None, self.name)))
-            sd = convert_videoalign_state_dict(torch_load(path))
+            sd = convert_videoalign_state_dict(torch_load(path, allow_pickle=self.allow_pickle))
             output_dim = self.output_dim
             head = [k for k in sd if k.endswith("rm_head.weight") or k.endswith("rm_head.base_layer.weight")]
             if head:
