@@ -89,9 +89,18 @@ def test_lora_roundtrip_and_merged_equal(trained):
     torch.testing.assert_close(_video(merged), lora_video, rtol=1e-4, atol=1e-4)
 
 
-def test_resume_continues_exactly(tmp_path, prompts):
+def _rng_state(checkpoint):
+    # Accelerate's RNG file is a pickle; this test reads the files its own runs just wrote
+    return torch.load(checkpoint / "random_states_0.pkl", weights_only=False)["torch_manual_seed"]
+
+
+@pytest.mark.parametrize("dropout", ["0", "0.2"])
+def test_resume_continues_exactly(tmp_path, prompts, dropout):
+    """A resumed run ends bit for bit where an uninterrupted one does: weights, EMA and the saved RNG state (no draw
+    from the global RNG outside the seeded generators; LoRA dropout draws from it)."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    common = ["--checkpointing_steps", "2", "--no_bundle_export", "--no_merged_export", "--learning_rate", "1e-2"]
+    common = ["--checkpointing_steps", "2", "--no_bundle_export", "--no_merged_export", "--learning_rate", "1e-2",
+              "--lora_dropout", dropout]
     _run(straight, prompts, "--max_train_steps", "4", *common)
     _run(resumed, prompts, "--max_train_steps", "2", *common)
     logs = _run(resumed, prompts, "--max_train_steps", "4", "--resume_from_checkpoint", "latest",
@@ -103,6 +112,7 @@ def test_resume_continues_exactly(tmp_path, prompts):
         assert set(a) == set(b)
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
+    assert torch.equal(_rng_state(straight / "checkpoint-4"), _rng_state(resumed / "checkpoint-4"))
 
 
 def _assert_fails(out, match, prompts, *extra):
@@ -178,3 +188,4 @@ def test_end_to_end_run_raises_a_weight_free_reward(tmp_path, prompts, brightnes
     assert sign * (after - before) > 3 * spread, (before, after, spread)
     # only LoRA parameters were trained: the adapter file holds nothing else
     assert all(".lora_A." in k or ".lora_B." in k for k in load_file(str(out / "pytorch_lora_weights.safetensors")))
+

@@ -40,7 +40,7 @@ from .cm_grpo import (
 )
 from .raven_step import optimizer_step
 from .rollout import GeneratorForward, Rollout, generator_prediction, self_rollout
-from .timesteps import sample_policy_step_index
+from .timesteps import check_policy_steps, sample_policy_step_index
 
 
 __all__ = [
@@ -126,7 +126,7 @@ class CMGRPOConfig:
         if self.beta < 0:
             raise ValueError(f"beta={self.beta} must be >= 0.")
         # the trained transitions k < K - skip_timesteps must have sigma_next > 0 (spec §10.9)
-        sample_policy_step_index(1, len(self.timesteps), skip_timesteps=self.skip_timesteps)
+        check_policy_steps(len(self.timesteps), self.skip_timesteps)
 
 
 # ---------------------------------------------------------------------------------------------- EM sampler

@@ -27,6 +27,7 @@ __all__ = [
     "sample_score_timesteps",
     "sample_generator_step_index",
     "sample_policy_step_index",
+    "check_policy_steps",
 ]
 
 
@@ -116,6 +117,21 @@ def sample_generator_step_index(
     return torch.randint(0, num_steps, (batch_size,), generator=generator).to(device)
 
 
+def check_policy_steps(num_steps: int, skip_timesteps: int) -> None:
+    """Raise unless ``1 <= skip_timesteps < num_steps`` (spec §6.4, §10.9); draws nothing."""
+    if skip_timesteps < 1:
+        raise ValueError(
+            f"skip_timesteps must be >= 1, got {skip_timesteps}: the final consistency transition has "
+            "sigma_next = 0, a degenerate (zero-variance) Gaussian kernel whose log-likelihood gradient "
+            "explodes (spec §10.9). Use --skip_timesteps 1 (the RAVEN default)."
+        )
+    if skip_timesteps >= num_steps:
+        raise ValueError(
+            f"skip_timesteps={skip_timesteps} leaves no trainable transition out of num_steps={num_steps}; "
+            f"use 1 <= skip_timesteps < {num_steps}."
+        )
+
+
 def sample_policy_step_index(
     batch_size: int,
     num_steps: int = 4,
@@ -132,15 +148,5 @@ def sample_policy_step_index(
     Returns:
         ``LongTensor[B]`` with values in ``[0, num_steps - skip_timesteps)``.
     """
-    if skip_timesteps < 1:
-        raise ValueError(
-            f"skip_timesteps must be >= 1, got {skip_timesteps}: the final consistency transition has "
-            "sigma_next = 0, a degenerate (zero-variance) Gaussian kernel whose log-likelihood gradient "
-            "explodes (spec §10.9). Use --skip_timesteps 1 (the RAVEN default)."
-        )
-    if skip_timesteps >= num_steps:
-        raise ValueError(
-            f"skip_timesteps={skip_timesteps} leaves no trainable transition out of num_steps={num_steps}; "
-            f"use 1 <= skip_timesteps < {num_steps}."
-        )
+    check_policy_steps(num_steps, skip_timesteps)
     return torch.randint(0, num_steps - skip_timesteps, (batch_size,), generator=generator).to(device)
