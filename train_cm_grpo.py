@@ -23,9 +23,12 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from raven_video.models.transformer_causal_wan import cast_weights
 from raven_video.training.script_utils import (
+    UsageError,
     add_optimizer_arguments,
     add_run_arguments,
+    argument_parser,
     check_video_args,
     check_distributed,
     init_trackers,
@@ -36,7 +39,9 @@ from raven_video.training.script_utils import (
     prompt_encoder,
     register_and_resume,
     resolve_resume,
+    run_cli,
     save_checkpoint,
+    usage_errors,
 )
 
 logger = logging.getLogger("train_cm_grpo")
@@ -51,7 +56,7 @@ def parse_args(input_args=None):
     from raven_video.rewards.composer import AGGREGATIONS
     from raven_video.training.cm_grpo_step import DEFAULT_LORA_TARGET_MODULES, POLICY_KERNELS
 
-    p = argparse.ArgumentParser(description="CM-GRPO with LoRA on a causal Wan student (spec §6, App. B.3).")
+    p = argument_parser("CM-GRPO with LoRA on a causal Wan student (spec §6, App. B.3).")
     # models
     p.add_argument("--pretrained_model_name_or_path", type=str, default=None,
                    help="CausalWanPipeline folder or Hub id: the policy init (RAVEN EMA) + text encoder, VAE, tokenizer.")
@@ -87,6 +92,10 @@ def parse_args(input_args=None):
     p.add_argument("--vbench_cache_dir", type=str, default=None,
                    help="$VBENCH_CACHE_DIR: fills the checkpoints of dynamic_degree, motion_smoothness, aesthetic, imaging.")
     p.add_argument("--reward_device", type=str, default=None, help="Default: the training device.")
+    p.add_argument("--allow_pickle", action="store_true",
+                   help="Consent to unpickle reward checkpoints that torch.load(weights_only=True) refuses (e.g. an "
+                        "official .pth holding Python objects). Unpickling runs code stored in the file: trusted "
+                        "files only.")
     p.add_argument("--fps", type=float, default=16.0)
     p.add_argument("--adv_clip_max", type=float, default=5.0)
     # policy objective (spec §6.4-6.5)
@@ -355,9 +364,10 @@ def main(input_args=None):
     # --- validate everything cheap before any heavy work or any write
     from raven_video.data.prompts import PromptStream, load_prompts
 
-    validate_args(args, world_size=int(os.environ.get("WORLD_SIZE", 1)))
-    shape = video_latent_shape(args, transformer_config(args))
-    prompts = load_prompts(args.prompts, column=args.prompt_column)
+    with usage_errors():
+        validate_args(args, world_size=int(os.environ.get("WORLD_SIZE", 1)))
+        shape = video_latent_shape(args, transformer_config(args))
+        prompts = load_prompts(args.prompts, column=args.prompt_column)
 
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
@@ -378,16 +388,19 @@ def main(input_args=None):
     )
     check_distributed(accelerator)
     if getattr(accelerator.state, "fsdp_plugin", None) is not None:
-        raise ValueError("train_cm_grpo.py trains a LoRA adapter with DDP (the 1.3B base fits every GPU, "
-                         "diffusers_notes §5.3); launch with a MULTI_GPU accelerate config, not FSDP.")
-    validate_args(args, world_size=accelerator.num_processes)
+        raise UsageError("train_cm_grpo.py trains a LoRA adapter with DDP (the 1.3B base fits every GPU); launch "
+                         "with a MULTI_GPU accelerate config, not FSDP.")
+    with usage_errors():
+        validate_args(args, world_size=accelerator.num_processes)
     set_seed(args.seed)
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
     stream = PromptStream(prompts, seed=args.seed, rank=accelerator.process_index,
                           world_size=accelerator.num_processes, sync_group_size=args.sync_group_size)
     resume_path = resolve_resume(args)
-    composer = RewardComposer(args.reward_weights, aggregation=args.reward_aggregation, build_missing=True,
-                              checkpoints=reward_checkpoints(args), device=args.reward_device or accelerator.device)
+    with usage_errors():
+        composer = RewardComposer(args.reward_weights, aggregation=args.reward_aggregation, build_missing=True,
+                                  checkpoints=reward_checkpoints(args), device=args.reward_device or accelerator.device,
+                                  allow_pickle=args.allow_pickle)
 
     # --- models: frozen base in weight_dtype, fp32 LoRA
     pipe = load_pipeline(args)
@@ -396,8 +409,9 @@ def main(input_args=None):
     pipe.text_encoder.requires_grad_(False)
     text_device = "cpu" if args.offload_text_encoder else accelerator.device
     pipe.text_encoder.to(text_device, dtype=weight_dtype if text_device != "cpu" else torch.float32)
-    policy.to(accelerator.device, dtype=weight_dtype)
-    lora_params = add_lora(policy, args)
+    cast_weights(policy, weight_dtype).to(accelerator.device)  # frozen base; fp32 norms / modulation kept
+    with usage_errors():
+        lora_params = add_lora(policy, args)
     if args.gradient_checkpointing:
         policy.enable_gradient_checkpointing()
     optimizer = make_optimizer(args, lora_params, args.learning_rate)
@@ -495,4 +509,4 @@ def main(input_args=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

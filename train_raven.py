@@ -20,9 +20,11 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from raven_video.models.transformer_causal_wan import cast_weights
 from raven_video.training.script_utils import (
     add_optimizer_arguments,
     add_run_arguments,
+    argument_parser,
     check_video_args,
     check_distributed,
     init_trackers,
@@ -34,7 +36,9 @@ from raven_video.training.script_utils import (
     prompt_encoder,
     register_and_resume,
     resolve_resume,
+    run_cli,
     save_checkpoint,
+    usage_errors,
 )
 
 logger = logging.getLogger("train_raven")
@@ -44,7 +48,7 @@ HISTORY_CHOICES = ("raven", "self_forcing", "diffusion_forcing", "teacher_forcin
 
 # ----------------------------------------------------------------------------------------------------- arguments
 def parse_args(input_args=None):
-    p = argparse.ArgumentParser(description="RAVEN DMD distillation with the training-time test (spec App. B.2).")
+    p = argument_parser("RAVEN DMD distillation with the training-time test (spec App. B.2).")
     # models
     p.add_argument("--pretrained_model_name_or_path", type=str, default=None,
                    help="CausalWanPipeline folder or Hub id: the student init (+ text encoder, VAE, tokenizer).")
@@ -201,8 +205,8 @@ def load_models(args, weight_dtype):
         critic = tiny_causal_transformer(seed=2)  # the critic starts from the teacher's weights (same size)
         return pipe, critic, teacher
     pipe = CausalWanPipeline.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision)
-    teacher = load_transformer(args.teacher_model, torch_dtype=weight_dtype)
-    critic = load_transformer(args.critic_model or args.teacher_model, torch_dtype=torch.float32)
+    teacher = load_transformer(args.teacher_model, dtype=weight_dtype)
+    critic = load_transformer(args.critic_model or args.teacher_model, dtype=torch.float32)
     return pipe, critic, teacher
 
 
@@ -285,18 +289,19 @@ def main(input_args=None):
     # --- validate everything cheap before any heavy work or any write
     from raven_video.data.prompts import PromptStream, load_prompts
 
-    validate_args(args)
-    student_cfg, teacher_cfg, critic_cfg = model_configs(args)
-    check_model_configs(student_cfg, teacher_cfg, critic_cfg)
-    shape = latent_shape(args, student_cfg)
-    dataset = None
-    if args.latent_dataset:
-        from raven_video.data.latents import LatentDataset
+    with usage_errors():
+        validate_args(args)
+        student_cfg, teacher_cfg, critic_cfg = model_configs(args)
+        check_model_configs(student_cfg, teacher_cfg, critic_cfg)
+        shape = latent_shape(args, student_cfg)
+        dataset = None
+        if args.latent_dataset:
+            from raven_video.data.latents import LatentDataset
 
-        dataset = LatentDataset(args.latent_dataset, latent_shape=shape[1:])
-        keys = dataset.keys
-    else:
-        keys = load_prompts(args.prompts, column=args.prompt_column)
+            dataset = LatentDataset(args.latent_dataset, latent_shape=shape[1:])
+            keys = dataset.keys
+        else:
+            keys = load_prompts(args.prompts, column=args.prompt_column)
 
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
@@ -335,7 +340,7 @@ def main(input_args=None):
         student.enable_gradient_checkpointing()
         critic.enable_gradient_checkpointing()
     if not is_fsdp:
-        teacher.to(accelerator.device, dtype=weight_dtype)
+        cast_weights(teacher, weight_dtype).to(accelerator.device)
 
     student_opt = make_optimizer(args, student.parameters(), args.learning_rate)
     critic_opt = make_optimizer(args, critic.parameters(), args.critic_learning_rate)
@@ -434,4 +439,4 @@ def main(input_args=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

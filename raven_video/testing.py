@@ -226,7 +226,9 @@ def tiny_wan_transformer(
     with torch.no_grad():
         for param in model.parameters():
             param.copy_(torch.randn(param.shape, generator=generator) * 0.1 + (1.0 if param.ndim == 1 else 0.0))
-    return model.to(dtype).eval()
+    from .models.transformer_causal_wan import cast_weights
+
+    return cast_weights(model, dtype).eval()
 
 
 def tiny_causal_transformer(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
@@ -248,4 +250,6 @@ def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, **transform
         vae=tiny_vae(seed=seed),
         scheduler=tiny_scheduler(),
         transformer=tiny_causal_transformer(seed=seed, dtype=dtype, **transformer_overrides),
+        height=64,  # native size: a default call takes seconds on a CPU
+        width=96,
     )

@@ -45,7 +45,7 @@ def test_stream_and_call_write_the_same_video(tmp_path):
     [
         ([], "no prompt given"),
         (["   "], "prompt #0 is empty"),
-        (["a cat", "--num_frames", "80"], r"--num_frames 80 is not 4k\+1; use 77 or 81"),
+        (["a cat", "--num_frames", "80"], r"--num_frames 80 is not of the form 4k\+1; use 69 or 81"),
         (["a cat", "--height", "100"], "--height 100 must be a positive multiple of 16"),
         (["a cat", "--model", "/nonexistent/model"], "is not a folder"),
     ],
@@ -64,7 +64,7 @@ def test_empty_prompt_file_and_chunk_misfit(tmp_path, monkeypatch):
         generate.main(["--prompt_file", str(empty)])
     folder = tmp_path / "model"
     tiny_pipeline().save_pretrained(folder)
-    with pytest.raises(SystemExit, match="8 latent frames do not fit the chunking"):
+    with pytest.raises(SystemExit, match=r"--num_frames 29 \(8 latent frames\) does not fit the chunks .*; use 21 or 33"):
         generate.main(["a cat", "--model", str(folder), "--num_frames", "29", "--height", "32", "--width", "48",
                        "--output_dir", str(tmp_path)])
 
@@ -90,5 +90,92 @@ def test_failed_generation_leaves_no_partial_mp4(tmp_path, monkeypatch):
 
 def test_device_and_dtype_defaults():
     args = generate.parse_args(["a cat"])
-    assert args.num_frames == 81 and (args.height, args.width) == (480, 832) and args.model is None
+    assert args.num_frames == 81 and (args.height, args.width) == (None, None) and args.model is None
     assert not torch.cuda.is_available() or args.dtype == "auto"
+
+
+# ------------------------------------------------------------------------------------- bad input, one line, early
+def _no_load(monkeypatch):
+    monkeypatch.setattr(generate, "load_pipeline", lambda args: pytest.fail("model loaded before validation"))
+
+
+@pytest.mark.parametrize("frames,hint", [("0", "use 9 or 21"), ("1", "use 9 or 21"), ("5", "use 9 or 21"),
+                                         ("13", "use 9 or 21"), ("17", "use 9 or 21")])
+def test_frame_counts_that_do_not_fit_the_default_model(tmp_path, monkeypatch, frames, hint):
+    _no_load(monkeypatch)
+    with pytest.raises(SystemExit, match=hint):
+        generate.main(["a cat", "--num_frames", frames, "--output_dir", str(tmp_path)])
+    monkeypatch.undo()  # the hint's values do work
+    for good in hint.removeprefix("use ").split(" or "):
+        assert generate.main(["a cat", "--num_frames", good, "--output_dir", str(tmp_path / good)])
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--fps", "-5"], "--fps -5 must be a positive frame rate"),
+    (["--fps", "0"], "--fps 0 must be a positive frame rate"),
+    (["--guidance_scale", "nan"], "--guidance_scale nan must be a finite number"),
+    (["--device", "gpu7"], "--device 'gpu7' is not a device"),
+])
+def test_bad_values_fail_with_one_line(tmp_path, monkeypatch, argv, match):
+    _no_load(monkeypatch)
+    with pytest.raises(SystemExit, match=match):
+        generate.main(["a cat", *argv, "--output_dir", str(tmp_path)])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch build without CUDA")
+def test_cuda_device_on_a_cpu_build(tmp_path, monkeypatch):
+    _no_load(monkeypatch)
+    with pytest.raises(SystemExit, match="--device cuda: this torch .* sees no CUDA GPU; use --device cpu"):
+        generate.main(["a cat", "--device", "cuda", "--output_dir", str(tmp_path)])
+
+
+def test_output_dir_that_is_a_file(tmp_path, monkeypatch):
+    _no_load(monkeypatch)
+    path = tmp_path / "taken"
+    path.write_text("x")
+    with pytest.raises(SystemExit, match="--output_dir .* is a file"):
+        generate.main(["a cat", "--output_dir", str(path)])
+
+
+def test_corrupt_model_config(tmp_path, monkeypatch):
+    _no_load(monkeypatch)
+    folder = tmp_path / "model"
+    tiny_pipeline().save_pretrained(folder)
+    (folder / "transformer" / "config.json").write_text("{ not json")
+    with pytest.raises(SystemExit, match="transformer config .* cannot be read as JSON"):
+        generate.main(["a cat", "--model", str(folder), "--output_dir", str(tmp_path / "o")])
+
+
+def test_usage_errors_print_one_line_without_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "raven_video.cli.generate", "a cat", "--fps", "-5", "--output_dir",
+                          str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode != 0
+    assert out.stderr.strip() == "error: --fps -5 must be a positive frame rate, e.g. 16 (or leave it out: the model's)."
+
+
+def test_hub_id_loads_through_from_pretrained(tmp_path, monkeypatch):
+    from test_security import fill_hub_cache
+
+    folder = tmp_path / "model"
+    tiny_pipeline().save_pretrained(folder)
+    fill_hub_cache(tmp_path / "hub", "org/tiny-raven", folder, monkeypatch)
+    written = generate.main(["a cat", "--model", "org/tiny-raven", "--output_dir", str(tmp_path / "o"), *SMALL])
+    assert _frames(written[0])[:3] == (33, 32, 48)
+    with pytest.raises(SystemExit, match="--model 'org/missing': cannot fetch its config from the Hub"):
+        generate.main(["a cat", "--model", "org/missing", "--output_dir", str(tmp_path / "o")])
+
+
+def test_stale_partial_files_are_cleaned_and_live_ones_kept(tmp_path):
+    import os
+
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = out / ".000_a_cat.tmp-999999999-abc.mp4"  # a pid that cannot exist: its run was killed
+    live = out / f".000_a_dog.tmp-{os.getpid()}-abc.mp4"  # a writer that still runs
+    stale.write_bytes(b"partial")
+    live.write_bytes(b"partial")
+    generate.main(["a cat", "--output_dir", str(out), *SMALL])
+    assert not stale.exists() and live.exists()

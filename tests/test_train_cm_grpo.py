@@ -189,3 +189,15 @@ def test_end_to_end_run_raises_a_weight_free_reward(tmp_path, prompts, brightnes
     # only LoRA parameters were trained: the adapter file holds nothing else
     assert all(".lora_A." in k or ".lora_B." in k for k in load_file(str(out / "pytorch_lora_weights.safetensors")))
 
+
+def test_bad_input_is_one_line_without_traceback(tmp_path, prompts):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "train_cm_grpo.py", "--tiny_random_models", "--prompts", prompts,
+                          "--output_dir", str(tmp_path / "run"), "--reward_weights", "proxy_motion=1,,"],
+                         capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert "train_cm_grpo.py: error: reward spec 'proxy_motion=1,,' has an empty entry" in out.stderr
+    assert not (tmp_path / "run").exists()

@@ -152,3 +152,16 @@ def test_precompute_latents_then_teacher_forcing(tmp_path, prompts):
     logs = _run(tmp_path / "run", prompts, "--latent_dataset", str(out), "--history", "teacher_forcing",
                 "--max_train_steps", "2")
     assert math.isfinite(logs["dmd_loss"])
+
+
+def test_bad_input_is_one_line_without_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "train_raven.py", "--tiny_random_models", "--prompts", str(tmp_path / "no.txt"),
+                          "--output_dir", str(tmp_path / "run"), "--num_frames", "17"],
+                         capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert "Traceback" not in out.stderr and len(lines) == 1
+    assert lines[0].startswith("train_raven.py: error: --num_frames 17 (5 latent frames) does not fit")

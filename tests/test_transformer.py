@@ -52,14 +52,14 @@ def test_bidirectional_equals_wan_transformer():
 def test_loads_plain_wan_checkpoint_and_round_trips(tmp_path):
     wan = tiny_wan_transformer(dtype=torch.float64)
     wan.save_pretrained(tmp_path / "wan")
-    ours = CausalWanTransformer3DModel.from_pretrained(tmp_path / "wan", torch_dtype=torch.float64)
+    ours = CausalWanTransformer3DModel.from_pretrained(tmp_path / "wan", dtype=torch.float64)
     assert set(ours.state_dict()) == set(wan.state_dict())
     assert ours.config.num_frames_per_block == 3 and ours.config.num_layers == 2
     ours.save_pretrained(tmp_path / "ours")
-    again = CausalWanTransformer3DModel.from_pretrained(tmp_path / "ours", torch_dtype=torch.float64)
+    again = CausalWanTransformer3DModel.from_pretrained(tmp_path / "ours", dtype=torch.float64)
     x, _, text, u = _inputs(3, torch.float64)
     # from_pretrained keeps Wan's _keep_in_fp32_modules in fp32: compare with Wan loaded the same way.
-    expected = WanTransformer3DModel.from_pretrained(tmp_path / "wan", torch_dtype=torch.float64)(x, u, text).sample
+    expected = WanTransformer3DModel.from_pretrained(tmp_path / "wan", dtype=torch.float64)(x, u, text).sample
     torch.testing.assert_close(ours(x, u, text).sample, expected, rtol=0, atol=1e-12)
     torch.testing.assert_close(again(x, u, text).sample, expected, rtol=0, atol=1e-12)
 

@@ -1,7 +1,8 @@
 """Text -> mp4 with ``CausalWanPipeline`` (the user's main entry point; ``python generate.py --help``).
 
-Every input is validated before the model loads; every mp4 is written to a temporary file and renamed only when the
-video is complete, so a failed or interrupted generation leaves no partial file.
+Every input is validated before the model loads (the model's own config is read first, a few kB, so frame counts are
+checked against its chunking); every mp4 is written to a temporary file and renamed only when the video is complete,
+so a failed or interrupted generation leaves no partial file, and leftovers of killed runs are removed on the next run.
 """
 
 from __future__ import annotations
@@ -9,39 +10,56 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import re
 import sys
 import time
 
+from ..models.attention_layout import num_frames_problem
+
 logger = logging.getLogger("raven_video.generate")
+
+# a Hub repo id: "org/name" (huggingface_hub's rules: letters, digits, "-", "_", "."; no leading "." or "/")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+
+
+class UsageError(SystemExit):
+    """Bad command-line input: printed as one ``error: ...`` line, exit status 2, no traceback."""
+
+    def __init__(self, message: str):
+        super().__init__(f"error: {message}")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Generate videos with a causal, KV-cached Wan2.1 student (RAVEN). Without --model a tiny RANDOM "
         "pipeline is built: its output is noise (it only shows the code path runs).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("prompts", nargs="*", help="One or more prompts (each gives one video per seed).")
     p.add_argument("--prompt_file", default=None, help="Text file with one prompt per line (blank lines skipped).")
     p.add_argument("--model", default=None,
-                   help="CausalWanPipeline folder or Hub id. Default: a tiny random pipeline (noise output).")
+                   help="CausalWanPipeline folder or Hub id 'org/name' (None: a tiny random pipeline, noise output).")
     p.add_argument("--output_dir", default="outputs", help="Where the mp4 files go (created if needed).")
-    p.add_argument("--num_frames", type=int, default=81, help="Pixel frames, 4k+1 (81 = 5 s at 16 fps).")
-    p.add_argument("--height", type=int, default=480, help="Multiple of 16.")
-    p.add_argument("--width", type=int, default=832, help="Multiple of 16.")
+    p.add_argument("--num_frames", type=int, default=81,
+                   help="Pixel frames, 4k+1, fitting the model's chunks (81 = 5 s at 16 fps).")
+    p.add_argument("--height", type=int, default=None, help="Multiple of 16 (None: the model's native height).")
+    p.add_argument("--width", type=int, default=None, help="Multiple of 16 (None: the model's native width).")
     p.add_argument("--seed", type=int, default=0, help="Base seed; prompt i uses seed + i.")
     p.add_argument("--guidance_scale", type=float, default=1.0, help="Student CFG (1 = unguided, the released setting).")
     p.add_argument("--negative_prompt", default=None, help="Used only when --guidance_scale > 1.")
     p.add_argument("--stream", action="store_true",
                    help="Write frames as each chunk arrives and print per-chunk timing.")
     p.add_argument("--local_attn_size", type=int, default=None,
-                   help="Attention window in latent frames incl. sink (-1 unlimited) for long streams.")
-    p.add_argument("--sink_size", type=int, default=None, help="Attention-sink latent frames for long streams.")
-    p.add_argument("--fps", type=int, default=None, help="Output frame rate (default: the pipeline's, 16).")
+                   help="Attention window in latent frames incl. sink (-1 unlimited) for long streams "
+                        "(None: the model's).")
+    p.add_argument("--sink_size", type=int, default=None,
+                   help="Attention-sink latent frames for long streams (None: the model's).")
+    p.add_argument("--fps", type=int, default=None, help="Output frame rate (None: the pipeline's, 16).")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                    help="Transformer/text-encoder dtype (auto: bf16 on CUDA, fp32 on CPU; the VAE stays fp32).")
-    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available).")
+    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (None: cuda if available).")
     p.add_argument("--eager", action="store_true",
                    help="With --stream on CUDA, skip the real-time path (pipe.enable_realtime(): regional "
                         "torch.compile, CUDA graphs per chunk position, a fused VAE decoder overlapped on a second "
@@ -54,52 +72,115 @@ def read_prompts(args) -> list[str]:
     prompts = [p for p in args.prompts]
     if args.prompt_file is not None:
         if not os.path.isfile(args.prompt_file):
-            raise SystemExit(f"error: --prompt_file {args.prompt_file!r} does not exist; pass a text file with one "
-                             "prompt per line.")
+            raise UsageError(f"--prompt_file {args.prompt_file!r} does not exist; pass a text file with one prompt "
+                             "per line.")
         with open(args.prompt_file, encoding="utf-8") as f:
             from_file = [line.strip() for line in f if line.strip()]
         if not from_file:
-            raise SystemExit(f"error: --prompt_file {args.prompt_file!r} holds no prompt (only blank lines); "
-                             "write one prompt per line.")
+            raise UsageError(f"--prompt_file {args.prompt_file!r} holds no prompt (only blank lines); write one "
+                             "prompt per line.")
         prompts += from_file
     if not prompts:
-        raise SystemExit("error: no prompt given; pass prompts as arguments or --prompt_file FILE.")
+        raise UsageError("no prompt given; pass prompts as arguments or --prompt_file FILE.")
     for i, prompt in enumerate(prompts):
         if not prompt.strip():
-            raise SystemExit(f"error: prompt #{i} is empty; every prompt must contain text.")
+            raise UsageError(f"prompt #{i} is empty; every prompt must contain text.")
     return prompts
 
 
-def check_args(args) -> None:
-    """Cheap checks that need no model (the pipeline re-checks the chunking after loading, before generating)."""
-    if args.num_frames < 1 or (args.num_frames - 1) % 4:
-        k = max((args.num_frames - 1) // 4, 0)
-        raise SystemExit(f"error: --num_frames {args.num_frames} is not 4k+1; use {4 * k + 1} or {4 * k + 5}.")
-    for name in ("height", "width"):
-        value = getattr(args, name)
-        if value <= 0 or value % 16:
-            raise SystemExit(f"error: --{name} {value} must be a positive multiple of 16, e.g. "
-                             f"{max(16, round(value / 16) * 16)}.")
-    if args.model is not None and os.path.sep in args.model and not os.path.isdir(args.model):
-        raise SystemExit(f"error: --model {args.model!r} is not a folder; pass a CausalWanPipeline folder or a Hub id "
-                         "like 'org/name'.")
-    if args.model is not None and os.path.isdir(args.model):
+# ----------------------------------------------------------------------------------------------------- the model
+def model_kind(model: str | None) -> str:
+    """``"default"``, ``"folder"`` or ``"hub"``; a path that exists nowhere is a :class:`UsageError`."""
+    if model is None:
+        return "default"
+    if os.path.isdir(model):
+        return "folder"
+    if _HUB_ID.match(model) and not os.path.exists(model):
+        return "hub"
+    raise UsageError(f"--model {model!r} is not a folder and not a Hub id 'org/name'; pass a CausalWanPipeline folder "
+                     "or a Hub id.")
+
+
+def _read_json(path: str, what: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UsageError(f"{what} {path!r} cannot be read as JSON ({err}); re-save the model "
+                         "(pipe.save_pretrained) or re-download it.") from None
+
+
+def model_configs(args) -> tuple[dict, dict]:
+    """``(model_index, transformer config)`` of ``--model``, read before any weight (a few kB; Hub: downloaded)."""
+    kind = model_kind(args.model)
+    if kind == "default":
+        from ..testing import tiny_pipeline
+
+        pipe = tiny_pipeline(seed=0)
+        return dict(pipe.config), dict(pipe.transformer.config)
+    if kind == "folder":
+        index_path = os.path.join(args.model, "model_index.json")
         config_path = os.path.join(args.model, "transformer", "config.json")
-        if not os.path.isfile(os.path.join(args.model, "model_index.json")) or not os.path.isfile(config_path):
-            raise SystemExit(f"error: --model {args.model!r} is not a CausalWanPipeline folder (model_index.json and "
+        if not os.path.isfile(index_path) or not os.path.isfile(config_path):
+            raise UsageError(f"--model {args.model!r} is not a CausalWanPipeline folder (model_index.json and "
                              "transformer/config.json expected); convert a checkpoint with `raven-convert` first.")
-        with open(config_path) as f:
-            config = json.load(f)
-        from ..models.attention_layout import chunk_sizes
+    else:
+        from huggingface_hub import hf_hub_download
 
         try:
-            chunk_sizes((args.num_frames - 1) // 4 + 1, config.get("num_frames_per_block", 3),
-                        config.get("num_frames_first_block"))
-        except ValueError as err:
-            raise SystemExit(f"error: --num_frames {args.num_frames}: {err}") from None
-    os.makedirs(args.output_dir, exist_ok=True)
+            index_path = hf_hub_download(args.model, "model_index.json", revision=args.revision)
+            config_path = hf_hub_download(args.model, "transformer/config.json", revision=args.revision)
+        except Exception as err:  # noqa: BLE001 - offline, private, missing: one line with the cause
+            raise UsageError(f"--model {args.model!r}: cannot fetch its config from the Hub ({type(err).__name__}: "
+                             f"{err}); check the id, your network or HF_HUB_OFFLINE.") from None
+    return _read_json(index_path, "model_index.json"), _read_json(config_path, "transformer config")
+
+
+def check_args(args) -> dict:
+    """Every check that needs no weights; returns the pipeline config (``model_index.json``) with the defaults the
+    run will use. Raises :class:`UsageError` with the fix."""
+    if args.output_dir and os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise UsageError(f"--output_dir {args.output_dir!r} is a file; pass a folder (it is created if needed).")
+    if args.fps is not None and args.fps <= 0:
+        raise UsageError(f"--fps {args.fps} must be a positive frame rate, e.g. 16 (or leave it out: the model's).")
+    if not math.isfinite(args.guidance_scale) or args.guidance_scale < 1:
+        raise UsageError(f"--guidance_scale {args.guidance_scale} must be a finite number >= 1 (1 = unguided).")
+    index, config = model_configs(args)
+    problem = num_frames_problem(args.num_frames, int(config.get("num_frames_per_block", 3)),
+                                 config.get("num_frames_first_block"))
+    if problem:
+        raise UsageError(f"--num_frames {args.num_frames} {problem}.")
+    for name in ("height", "width"):
+        value = getattr(args, name)
+        if value is not None and (value <= 0 or value % 16):
+            raise UsageError(f"--{name} {value} must be a positive multiple of 16, e.g. {max(16, round(value / 16) * 16)}.")
+    check_device(args.device)
+    try:
+        os.makedirs(args.output_dir, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"--output_dir {args.output_dir!r} cannot be created ({err.strerror}).") from None
     if not os.access(args.output_dir, os.W_OK):
-        raise SystemExit(f"error: --output_dir {args.output_dir!r} is not writable.")
+        raise UsageError(f"--output_dir {args.output_dir!r} is not writable.")
+    return index
+
+
+def check_device(device: str | None) -> None:
+    import torch
+
+    if device is None:
+        return
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N.") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu "
+                             "or install a CUDA build of torch.")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible.")
+    elif parsed.type != "cpu":
+        raise UsageError(f"--device {device!r}: use cpu, cuda or cuda:N.")
 
 
 def load_pipeline(args):
@@ -116,16 +197,14 @@ def load_pipeline(args):
 
         logger.warning("No --model given: using a tiny RANDOM pipeline. Its videos are noise; pass --model for real "
                        "output.")
-        pipe = tiny_pipeline(seed=0)
+        pipe = tiny_pipeline(seed=0, dtype=dtype)
     else:
         try:
-            pipe = CausalWanPipeline.from_pretrained(args.model, revision=args.revision, torch_dtype=dtype)
-        except (OSError, ValueError, EnvironmentError) as err:
-            raise SystemExit(f"error: could not load --model {args.model!r}: {err}") from None
-        pipe.vae.to(torch.float32)
-    for component in (pipe.transformer, pipe.text_encoder):
-        if component.dtype != dtype:
-            component.to(dtype)
+            # the VAE stays float32 (loaded as such, not rounded through bf16)
+            pipe = CausalWanPipeline.from_pretrained(args.model, revision=args.revision,
+                                                     dtype={"default": dtype, "vae": torch.float32})
+        except (OSError, ValueError) as err:
+            raise UsageError(f"could not load --model {args.model!r}: {err}") from None
     return pipe.to(device)
 
 
@@ -137,12 +216,17 @@ def main(argv=None) -> list[str]:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
     prompts = read_prompts(args)
-    check_args(args)
+    index = check_args(args)
+    height = args.height or index.get("height", 480)
+    width = args.width or index.get("width", 832)
 
     import torch
 
-    from ..utils.video_io import AtomicVideoWriter
+    from ..utils.video_io import AtomicVideoWriter, cleanup_partial_files
 
+    removed = cleanup_partial_files(args.output_dir)
+    if removed:
+        logger.info(f"removed {removed} partial video file(s) left in {args.output_dir} by an interrupted run")
     pipe = load_pipeline(args)
     if args.stream and not args.eager and pipe.device.type == "cuda":
         logger.info("Real-time path on: the first video includes torch.compile time and the second CUDA-graph "
@@ -151,15 +235,17 @@ def main(argv=None) -> list[str]:
     fps = args.fps or pipe.config.fps
     window = dict(local_attn_size=args.local_attn_size, sink_size=args.sink_size)
     # Validate against the loaded model before generating anything.
-    pipe.check_inputs(prompts[0], args.negative_prompt, args.num_frames, args.height, args.width, None,
-                      args.guidance_scale, args.local_attn_size, args.sink_size)
+    try:
+        pipe.check_inputs(prompts[0], args.negative_prompt, args.num_frames, height, width, None,
+                          args.guidance_scale, args.local_attn_size, args.sink_size)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     written = []
     for i, prompt in enumerate(prompts):
         path = os.path.join(args.output_dir, f"{i:03d}_{slug(prompt)}.mp4")
         generator = torch.Generator(device="cpu").manual_seed(args.seed + i)
         common = dict(prompt=prompt, negative_prompt=args.negative_prompt, num_frames=args.num_frames,
-                      height=args.height, width=args.width, guidance_scale=args.guidance_scale, generator=generator,
-                      **window)
+                      height=height, width=width, guidance_scale=args.guidance_scale, generator=generator, **window)
         tic = time.perf_counter()
         with AtomicVideoWriter(path, fps=fps) as writer:
             if args.stream:
@@ -168,11 +254,9 @@ def main(argv=None) -> list[str]:
                     writer.append(chunk.frames[0])
                     n = chunk.frames.shape[1]
                     frames_done += n
+                    first = f"; first frame at {time.perf_counter() - tic:.2f} s" if chunk.index == 0 else ""
                     logger.info(f"  chunk {chunk.index}: {n} frames in {chunk.seconds * 1000:.0f} ms "
-                                f"({n / chunk.seconds:.1f} FPS); first frame at {time.perf_counter() - tic:.2f} s"
-                                if chunk.index == 0 else
-                                f"  chunk {chunk.index}: {n} frames in {chunk.seconds * 1000:.0f} ms "
-                                f"({n / chunk.seconds:.1f} FPS)")
+                                f"({n / chunk.seconds:.1f} FPS){first}")
             else:
                 video = pipe(**common, output_type="np").frames[0]
                 writer.append(video)

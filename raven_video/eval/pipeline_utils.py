@@ -54,7 +54,7 @@ def load_pipeline(spec: str, device: str = "cuda", dtype: str = "bfloat16"):
         return tiny_pipeline().to(device)
     from raven_video import CausalWanPipeline
 
-    pipe = CausalWanPipeline.from_pretrained(spec, torch_dtype=getattr(torch, dtype))
+    pipe = CausalWanPipeline.from_pretrained(spec, dtype=getattr(torch, dtype))
     pipe.vae.to(torch.float32)
     return pipe.to(device)
 

@@ -65,6 +65,41 @@ def chunk_sizes(num_frames: int, frames_per_block: int, first_block: int | None 
     return [first] + [frames_per_block] * ((num_frames - first) // frames_per_block)
 
 
+def frames_fit(num_frames: int, frames_per_block: int, first_block: int | None = None, temporal_stride: int = 4) -> bool:
+    """True when ``num_frames`` pixel frames (``temporal_stride * k + 1``) fill whole chunks (spec §1.5)."""
+    first = frames_per_block if first_block is None else first_block
+    if num_frames < 1 or (num_frames - 1) % temporal_stride:
+        return False
+    latent = (num_frames - 1) // temporal_stride + 1
+    return latent >= first and (latent - first) % frames_per_block == 0
+
+
+def fitting_num_frames(near: int, frames_per_block: int, first_block: int | None = None,
+                       temporal_stride: int = 4) -> tuple[int, int]:
+    """Two pixel frame counts that fit the chunking around ``near``: the largest one <= ``near`` and the next (the two
+    smallest when ``near`` is below every fit). For error messages: "use 69 or 81"."""
+    first = frames_per_block if first_block is None else first_block
+    step, smallest = temporal_stride * frames_per_block, temporal_stride * (first - 1) + 1
+    below = smallest + max((near - smallest) // step, 0) * step
+    return below, below + step
+
+
+def num_frames_problem(num_frames: int, frames_per_block: int, first_block: int | None = None,
+                       temporal_stride: int = 4) -> str | None:
+    """``None`` when ``num_frames`` fits the chunking, else what is wrong and two values that work."""
+    if frames_fit(num_frames, frames_per_block, first_block, temporal_stride):
+        return None
+    below, above = fitting_num_frames(num_frames, frames_per_block, first_block, temporal_stride)
+    if num_frames < 1 or (num_frames - 1) % temporal_stride:
+        problem = f"is not of the form {temporal_stride}k+1"
+    else:
+        latent = (num_frames - 1) // temporal_stride + 1
+        first = frames_per_block if first_block is None else first_block
+        problem = (f"({latent} latent frames) does not fit the chunks (first chunk {first}, then {frames_per_block} "
+                   "latent frames)")
+    return f"{problem}; use {below} or {above}"
+
+
 @dataclass(frozen=True)
 class FrameLayout:
     """An ordered list of segments plus the window rule. Hashable: masks are cached by layout."""

@@ -54,6 +54,18 @@ def _flex_attention(query, key, value, block_mask):
     return out.transpose(1, 2)
 
 
+def cast_weights(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Cast a diffusers model's floating parameters and buffers to ``dtype`` in place; in half precision its
+    ``_keep_in_fp32_modules`` (Wan: RoPE, time embedder, modulation tables, norms) stay float32, as
+    ``from_pretrained(..., dtype=...)`` keeps them (``ModelMixin.to(dtype)`` casts them too, and warns)."""
+    half = dtype in (torch.float16, torch.bfloat16)
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or []) if half else set()
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point():
+            tensor.data = tensor.data.to(torch.float32 if keep.intersection(name.split(".")) else dtype)
+    return model
+
+
 def _apply_rotary_emb(hidden_states: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
     """Wan's interleaved-pair RoPE (same arithmetic as diffusers' ``WanAttnProcessor``)."""
     x1, x2 = hidden_states.unflatten(-1, (-1, 2)).unbind(-1)

@@ -13,6 +13,7 @@ window + attention sink for streams longer than the training length.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 from transformers import AutoTokenizer, UMT5EncoderModel
 
+from ..models.attention_layout import num_frames_problem
 from ..models.transformer_causal_wan import CausalWanTransformer3DModel
 from . import hub
 from .vae_streaming import StreamingWanDecoder
@@ -114,6 +116,7 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         transformer (`CausalWanTransformer3DModel`).
         denoising_timesteps (`list[int]`, defaults to `[1000, 938, 833, 625]`): the few-step list (spec §1.3).
         fps (`int`, defaults to 16): frame rate of the generated video (metadata for writers).
+        height, width (`int`, defaults to 480 x 832): the model's native size, used when a call gives none.
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
@@ -132,6 +135,8 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         transformer: CausalWanTransformer3DModel,
         denoising_timesteps: list[int] | tuple[int, ...] = DEFAULT_DENOISING_TIMESTEPS,
         fps: int = 16,
+        height: int = 480,
+        width: int = 832,
     ):
         super().__init__()
         self.register_modules(
@@ -142,7 +147,7 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             raise ValueError(
                 f"denoising_timesteps={timesteps} must be strictly decreasing positive integers, e.g. [1000, 938, 833, 625]."
             )
-        self.register_to_config(denoising_timesteps=timesteps, fps=int(fps))
+        self.register_to_config(denoising_timesteps=timesteps, fps=int(fps), height=int(height), width=int(width))
         self.vae_scale_factor_temporal = vae.config.scale_factor_temporal if vae is not None else 4
         self.vae_scale_factor_spatial = vae.config.scale_factor_spatial if vae is not None else 8
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
@@ -157,7 +162,8 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
 
     # ------------------------------------------------------------------ validation
     def check_inputs(self, prompt, negative_prompt, num_frames, height, width, prompt_embeds, guidance_scale,
-                     local_attn_size=None, sink_size=None, prompt_schedule=None):
+                     local_attn_size=None, sink_size=None, prompt_schedule=None, num_videos_per_prompt=1,
+                     max_sequence_length=512):
         """Validate everything that can fail before any heavy work; errors name the value and the fix."""
         if prompt is None and prompt_embeds is None:
             raise ValueError("Provide a `prompt` (or `prompt_embeds`); got neither.")
@@ -172,19 +178,26 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                     raise ValueError(f"prompt={p!r} is empty: every prompt must be a non-empty string.")
         if negative_prompt is not None and not isinstance(negative_prompt, (str, list, tuple)):
             raise ValueError(f"negative_prompt must be a string or a list of strings, got {type(negative_prompt)}.")
-        if not isinstance(num_frames, int) or num_frames < 1 or (num_frames - 1) % self.vae_scale_factor_temporal:
-            k = max((int(num_frames) - 1) // self.vae_scale_factor_temporal, 0) if isinstance(num_frames, int) else 20
-            lo, hi = k * self.vae_scale_factor_temporal + 1, (k + 1) * self.vae_scale_factor_temporal + 1
-            raise ValueError(f"num_frames={num_frames} is not of the form 4k+1; use {lo} or {hi} (e.g. 81).")
+        if isinstance(num_frames, bool) or not isinstance(num_frames, int):
+            raise ValueError(f"num_frames={num_frames!r} must be an integer number of frames, e.g. 81.")
+        cfg = self.transformer.config
+        problem = num_frames_problem(num_frames, cfg.num_frames_per_block, cfg.num_frames_first_block,
+                                     self.vae_scale_factor_temporal)
+        if problem:
+            raise ValueError(f"num_frames={num_frames} {problem}.")
         latent_frames = self.latent_frames(num_frames)
-        self.transformer.chunk_sizes(latent_frames)  # raises with the fix if the chunking does not fit
         multiple = self.vae_scale_factor_spatial * self.transformer.config.patch_size[1]
         for name, value in (("height", height), ("width", width)):
             if not isinstance(value, int) or value <= 0 or value % multiple:
                 fixed = max(multiple, round(int(value) / multiple) * multiple) if isinstance(value, int) else 480
                 raise ValueError(f"{name}={value} must be a positive multiple of {multiple}; e.g. {fixed}.")
-        if guidance_scale < 1.0:
-            raise ValueError(f"guidance_scale={guidance_scale} must be >= 1 (1 = unguided, the released setting).")
+        if not (isinstance(guidance_scale, (int, float)) and math.isfinite(guidance_scale) and guidance_scale >= 1.0):
+            raise ValueError(f"guidance_scale={guidance_scale} must be a finite number >= 1 (1 = unguided, the "
+                             "released setting).")
+        for name, value in (("num_videos_per_prompt", num_videos_per_prompt),
+                            ("max_sequence_length", max_sequence_length)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer (defaults: 1 and 512).")
         rope_len = self.transformer.config.rope_max_seq_len
         if latent_frames > rope_len:
             raise ValueError(
@@ -386,8 +399,8 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         prompt: str | list[str] | None = None,
         negative_prompt: str | list[str] | None = None,
         num_frames: int = 81,
-        height: int = 480,
-        width: int = 832,
+        height: int | None = None,
+        width: int | None = None,
         guidance_scale: float = 1.0,
         num_videos_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -423,8 +436,10 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         Yields:
             :class:`StreamChunk` per chunk.
         """
+        height = self.config.height if height is None else height
+        width = self.config.width if width is None else width
         self.check_inputs(prompt, negative_prompt, num_frames, height, width, prompt_embeds, guidance_scale,
-                          local_attn_size, sink_size, prompt_schedule)
+                          local_attn_size, sink_size, prompt_schedule, num_videos_per_prompt, max_sequence_length)
         if prompt_schedule and (prompt is None or (not isinstance(prompt, str) and len(prompt) != 1)):
             raise ValueError("prompt_schedule needs a single `prompt` string (prompt switching is per stream).")
         if output_type not in ("np", "pt", "pil", "latent"):
@@ -522,8 +537,8 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         prompt: str | list[str] | None = None,
         negative_prompt: str | list[str] | None = None,
         num_frames: int = 81,
-        height: int = 480,
-        width: int = 832,
+        height: int | None = None,
+        width: int | None = None,
         guidance_scale: float = 1.0,
         num_videos_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,

@@ -5,15 +5,47 @@ The algorithms themselves live in :mod:`raven_video.training.raven_step` and :mo
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import copy
 import logging
 import os
 import re
 import shutil
+import sys
 
 import torch
 
 logger = logging.getLogger(__name__)
+
+
+class UsageError(ValueError):
+    """Bad command-line input, found before any heavy work: the script prints one ``error: ...`` line, no traceback."""
+
+
+@contextlib.contextmanager
+def usage_errors():
+    """Errors raised while the command line is checked are the user's to fix: re-raise them as :class:`UsageError`."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except (ValueError, FileNotFoundError) as err:
+        raise UsageError(str(err)) from None
+
+
+def run_cli(main) -> None:
+    """Run a training script's ``main()``: a :class:`UsageError` exits with status 2 and one ``error:`` line."""
+    try:
+        main()
+    except UsageError as err:
+        print(f"{os.path.basename(sys.argv[0])}: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def argument_parser(description: str) -> argparse.ArgumentParser:
+    """The scripts' parser: defaults shown in ``--help``."""
+    return argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
 
 def add_optimizer_arguments(p, *, adam_epsilon: float) -> None:
@@ -41,10 +73,8 @@ def add_run_arguments(p, *, output_dir: str, checkpointing_steps: int) -> None:
 
 
 def check_video_args(args) -> None:
-    """``--num_frames`` of the form 4k+1 and ``--height/--width`` multiples of 16, before any model is loaded."""
-    if args.num_frames < 1 or (args.num_frames - 1) % 4:
-        k = max((args.num_frames - 1) // 4, 0)
-        raise ValueError(f"--num_frames {args.num_frames} is not of the form 4k+1; use {4 * k + 1} or {4 * k + 5}.")
+    """``--height/--width`` multiples of 16, before any model is loaded (``--num_frames`` needs the student's
+    chunking: :func:`latent_shape`)."""
     for name in ("height", "width"):
         value = getattr(args, name)
         if value <= 0 or value % 16:
@@ -53,14 +83,13 @@ def check_video_args(args) -> None:
 
 def latent_shape(args, student_cfg: dict) -> tuple:
     """``(B, C, F, H, W)`` and validation of the chunking (spec §1.5)."""
-    from raven_video.models.attention_layout import chunk_sizes
+    from raven_video.models.attention_layout import num_frames_problem
 
+    problem = num_frames_problem(args.num_frames, student_cfg.get("num_frames_per_block", 3),
+                                 student_cfg.get("num_frames_first_block"))
+    if problem:
+        raise ValueError(f"--num_frames {args.num_frames} {problem}.")
     frames = (args.num_frames - 1) // 4 + 1
-    try:
-        chunk_sizes(frames, student_cfg.get("num_frames_per_block", 3), student_cfg.get("num_frames_first_block"))
-    except ValueError as err:
-        raise ValueError(f"--num_frames {args.num_frames} ({frames} latent frames) does not fit the student's "
-                         f"chunking: {err}") from None
     return (args.train_batch_size, student_cfg["in_channels"], frames, args.height // 8, args.width // 8)
 
 

@@ -111,13 +111,17 @@ def to_uint8_frames(
     )
 
 
+_TMP_MARK = ".tmp-"  # temporary files: .<stem>.tmp-<pid>-XXXX<suffix>
+
+
 class AtomicVideoWriter:
     r"""
     Context manager that encodes frames as they arrive and publishes the video atomically.
 
-    Frames go through ffmpeg (imageio-ffmpeg) into `.<name>.tmp-XXXX<suffix>` in the destination folder; on a clean
-    exit the file is renamed onto `path` (replacing an existing file), on any exception ffmpeg is stopped and the
-    temporary file deleted, so `path` is either the complete video or untouched.
+    Frames go through ffmpeg (imageio-ffmpeg) into `.<name>.tmp-<pid>-XXXX<suffix>` in the destination folder; on a
+    clean exit the file is renamed onto `path` (replacing an existing file), on any exception ffmpeg is stopped and
+    the temporary file deleted, so `path` is either the complete video or untouched. A process killed outright
+    (`kill -9`) cannot clean up: [`cleanup_partial_files`] removes such leftovers later (their process is gone).
 
     Args:
         path (`str` or `os.PathLike`): destination, e.g. `out/video.mp4`. Its folder must exist.
@@ -192,7 +196,8 @@ class AtomicVideoWriter:
     def __enter__(self) -> "AtomicVideoWriter":
         if self._open or self._tmp_path is not None:
             raise RuntimeError("An AtomicVideoWriter can be used for one video only; create a new one.")
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.tmp-", suffix=self.path.suffix, dir=self.path.parent)
+        prefix = f".{self.path.stem}{_TMP_MARK}{os.getpid()}-"
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=self.path.suffix, dir=self.path.parent)
         os.close(fd)
         self._tmp_path = Path(tmp)
         self._open = True
@@ -326,9 +331,26 @@ def read_video(path: str | os.PathLike) -> tuple[np.ndarray, float]:
 
 
 def cleanup_partial_files(folder: str | os.PathLike) -> int:
-    """Remove the temporary files of [`AtomicVideoWriter`] that a killed run left in ``folder``; returns how many."""
+    """Remove the temporary files of [`AtomicVideoWriter`] that killed runs left in ``folder``; returns how many.
+
+    A temporary file names its writer's process id; files of processes that still run (another generation writing
+    into the same folder) are kept.
+    """
     removed = 0
-    for tmp in Path(folder).glob(".*.tmp-*"):
-        tmp.unlink()
+    for tmp in Path(folder).glob(f".*{_TMP_MARK}*"):
+        owner = tmp.name.rsplit(_TMP_MARK, 1)[1].split("-", 1)[0]
+        if owner.isdigit() and _process_alive(int(owner)):
+            continue
+        tmp.unlink(missing_ok=True)
         removed += 1
     return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
