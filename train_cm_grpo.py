@@ -416,7 +416,8 @@ def main(input_args=None):
         policy.enable_gradient_checkpointing()
     optimizer = make_optimizer(args, lora_params, args.learning_rate)
     policy_train, optimizer = accelerator.prepare(GeneratorForward(policy), optimizer)
-    policy = accelerator.unwrap_model(policy_train).transformer
+    policy_module = accelerator.unwrap_model(policy_train)  # the GeneratorForward
+    policy = policy_module.transformer
     ema = EMA(policy, decay=args.ema_decay, names=lora_parameter_names(policy))
 
     # checkpoints hold the LoRA weights only (diffusers format), not the frozen base
@@ -448,7 +449,7 @@ def main(input_args=None):
         max_grad_norm=args.max_grad_norm, world_size=accelerator.num_processes, fps=args.fps,
     )
     state = CMGRPOState(
-        policy=policy, policy_train=policy_train, vae=pipe.vae, composer=composer, optimizer=optimizer, ema=ema,
+        policy=policy_module, policy_train=policy_train, vae=pipe.vae, composer=composer, optimizer=optimizer, ema=ema,
         backward=accelerator.backward, clip_fn=accelerator.clip_grad_norm_, autocast=accelerator.autocast,
         no_sync=accelerator.no_sync if accelerator.num_processes > 1 else None,
         reference=adapters_disabled_reference(policy) if args.beta > 0 else None,

@@ -355,7 +355,8 @@ def main(input_args=None):
         from torch.distributed.fsdp import register_fsdp_forward_method
 
         register_fsdp_forward_method(student_train, "rollout")  # the rollout runs through the root's FSDP hooks
-    student = accelerator.unwrap_model(student_train).transformer
+    student_module = accelerator.unwrap_model(student_train)  # the GeneratorForward (FSDP2: sharded in place)
+    student = student_module.transformer
     ema = EMA(student, decay=args.ema_decay)
     progress_state = register_and_resume(accelerator, (ema, stream), resume_path)
     global_step = first_step = progress_state.global_step
@@ -375,7 +376,7 @@ def main(input_args=None):
         world_size=accelerator.num_processes,
     )
     state = TrainState(
-        student=student, student_train=student_train, critic_train=critic_train, teacher=teacher,
+        student=student_module, student_train=student_train, critic_train=critic_train, teacher=teacher,
         student_optimizer=student_opt, critic_optimizer=critic_opt, ema=ema, backward=accelerator.backward,
         # Accelerate's FSDP branch of clip_grad_norm_ compares parameter lists with == (fails under FSDP2)
         clip_fn=torch.nn.utils.clip_grad_norm_ if is_fsdp else accelerator.clip_grad_norm_, autocast=accelerator.autocast,

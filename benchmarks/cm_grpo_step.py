@@ -47,6 +47,7 @@ def main(argv=None):
 
     from raven_video.rewards import RewardComposer
     from raven_video.training.cm_grpo_step import CMGRPOConfig, CMGRPOState, cm_grpo_step, lora_config
+    from raven_video.training.rollout import GeneratorForward
 
     cuda = torch.cuda.is_available() and not args.tiny
     device = torch.device("cuda" if cuda else "cpu")
@@ -63,7 +64,8 @@ def main(argv=None):
         transformer.enable_gradient_checkpointing()
     optimizer = torch.optim.AdamW(params, lr=5e-6, betas=(0.0, 0.999), eps=1e-10)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else None
-    state = CMGRPOState(policy=transformer, policy_train=transformer, vae=vae,
+    policy = GeneratorForward(transformer)
+    state = CMGRPOState(policy=policy, policy_train=policy, vae=vae,
                         composer=RewardComposer(args.rewards, build_missing=True, device=device),
                         optimizer=optimizer, **({"autocast": autocast} if autocast else {}))
     config = CMGRPOConfig(group_size=args.group_size, groups_per_infer=args.group_size,

@@ -67,6 +67,7 @@ def build(args, device):
 def main(argv=None):
     args = parse_args(argv)
     from raven_video.training.raven_step import RavenConfig, TrainState, raven_iteration
+    from raven_video.training.rollout import GeneratorForward
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     if args.tiny:
@@ -90,7 +91,8 @@ def main(argv=None):
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else None
     import contextlib
 
-    state = TrainState(student=student, student_train=student, critic_train=critic, teacher=teacher,
+    generator_module = GeneratorForward(student)
+    state = TrainState(student=generator_module, student_train=generator_module, critic_train=critic, teacher=teacher,
                        student_optimizer=opt_s, critic_optimizer=opt_c, ema=ema,
                        autocast=autocast or contextlib.nullcontext)
     encoder = None

@@ -11,14 +11,13 @@ import torch.multiprocessing as mp
 from raven_video.training.cm_grpo import (
     consistency_kernel_loss,
     consistency_kernel_mean,
-    euler_maruyama_kernel_loss,
-    euler_maruyama_step_mean_std,
     gather_group_advantages,
     gaussian_log_prob,
     group_advantages,
     kl_to_reference_loss,
     prompt_group_id,
 )
+from raven_video.training.euler_maruyama import euler_maruyama_kernel_loss, euler_maruyama_step_mean_std
 
 SHAPE = (3, 2, 6, 3, 4)
 

@@ -5,11 +5,12 @@ import pytest
 import torch
 
 from raven_video.testing import tiny_causal_transformer, tiny_pipeline
-from raven_video.training.cm_grpo import euler_maruyama_step_mean_std, gaussian_log_prob
+from raven_video.training.cm_grpo import gaussian_log_prob
+from raven_video.training.euler_maruyama import EulerMaruyamaScheduler, euler_maruyama_step_mean_std
 from raven_video.training.cm_grpo_step import (
-    CMGRPOConfig, EulerMaruyamaScheduler, adapters_disabled_reference, group_rollouts, lora_config, policy_loss,
+    CMGRPOConfig, adapters_disabled_reference, group_rollouts, lora_config, policy_loss,
 )
-from raven_video.training.rollout import generator_prediction
+from raven_video.training.rollout import GeneratorForward, generator_prediction
 
 SHAPE = (16, 6, 4, 6)  # (C, F, H, W): 2 chunks of 3 latent frames
 
@@ -61,10 +62,10 @@ def test_rollouts_sample_the_trained_kernel(model, kernel):
 
 
 def test_em_scheduler_last_step_is_deterministic_x0():
-    scheduler = EulerMaruyamaScheduler(shift=5.0, noise_level=0.7)
-    from raven_video.pipelines.pipeline_causal_wan import consistency_scheduler_sigmas
+    from raven_video.sampling.flow import scheduler_sigmas
 
-    scheduler.set_timesteps(sigmas=consistency_scheduler_sigmas([1000, 938, 833, 625], 5.0))
+    scheduler = EulerMaruyamaScheduler(shift=5.0, noise_level=0.7)
+    scheduler_sigmas(scheduler, [1000, 938, 833, 625])
     scheduler.set_begin_index(3)
     z, v = torch.randn(2, 16, 3, 4, 6), torch.randn(2, 16, 3, 4, 6)
     out = scheduler.step(v, scheduler.timesteps[3], z, generator=torch.Generator().manual_seed(0)).prev_sample
@@ -83,7 +84,8 @@ def test_policy_loss_gradient_is_minus_A_grad_log_pi_through_the_network(model, 
     texts = text.expand(2, -1, -1)
     params = [p for n, p in transformer.named_parameters() if "lora_" in n]
 
-    loss, _ = policy_loss(transformer, rollout, k, texts, adv, config, transformer.chunk_sizes(SHAPE[1]))
+    loss, _ = policy_loss(GeneratorForward(transformer), rollout, k, texts, adv, config,
+                          transformer.chunk_sizes(SHAPE[1]))
     grads = torch.autograd.grad(loss, params)
 
     x0, _ = generator_prediction(transformer, "raven", rollout, k, texts)
@@ -169,7 +171,8 @@ def test_lora_updates_raise_a_reward_the_tiny_model_can_move(kernel):
         rollout = group_rollouts(model, text, latent_shape, config, generator)
         advantages = group_advantages(reward(rollout.endpoints), torch.zeros(8, dtype=torch.long))
         k = torch.randint(0, 3, (8,), generator=generator)
-        loss, _ = policy_loss(model, rollout, k, text.expand(8, -1, -1), advantages, config, model.chunk_sizes(6))
+        loss, _ = policy_loss(GeneratorForward(model), rollout, k, text.expand(8, -1, -1), advantages, config,
+                              model.chunk_sizes(6))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

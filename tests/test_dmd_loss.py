@@ -4,14 +4,8 @@ import pytest
 import torch
 
 from raven_video.training.chunk_weighting import chunk_weighted_loss, chunk_weights
-from raven_video.training.dmd import (
-    add_noise,
-    cfg_combine,
-    dmd_normalizer,
-    dmd_per_element_surrogate,
-    flow_matching_critic_loss,
-    x0_from_velocity,
-)
+from raven_video.sampling.flow import add_noise, guidance_combine, x0_from_velocity
+from raven_video.training.dmd import dmd_normalizer, dmd_per_element_surrogate, flow_matching_critic_loss
 
 SHAPE = (2, 3, 6, 4, 5)  # [B, C, F, H, W]
 
@@ -47,11 +41,11 @@ def test_flow_matching_critic_loss():
 
 def test_cfg_combine_convention():
     pos, neg = torch.tensor([2.0]), torch.tensor([1.0])
-    assert cfg_combine(pos, neg, 3.0).item() == 4.0  # neg + 3 (pos - neg)
-    assert torch.equal(cfg_combine(pos, neg, 1.0), pos)
-    assert cfg_combine(pos, neg, 0.0).item() == 1.0
+    assert guidance_combine(pos, neg, 3.0).item() == 4.0  # neg + 3 (pos - neg)
+    assert torch.equal(guidance_combine(pos, neg, 1.0), pos)
+    assert guidance_combine(pos, neg, 0.0).item() == 1.0
     # Self-Forcing's cond + w (cond - uncond) equals RAVEN's scale w + 1.
-    assert (pos + 3.0 * (pos - neg)).item() == cfg_combine(pos, neg, 4.0).item()
+    assert (pos + 3.0 * (pos - neg)).item() == guidance_combine(pos, neg, 4.0).item()
 
 
 def test_dmd_normalizer_per_sample_over_whole_video():

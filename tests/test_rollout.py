@@ -7,7 +7,7 @@ from raven_video.testing import tiny_causal_transformer, tiny_pipeline
 from raven_video.training.raven_step import (
     RavenConfig, TrainState, critic_loss, generator_loss, raven_iteration,
 )
-from raven_video.training.rollout import Rollout, generator_prediction, self_rollout
+from raven_video.training.rollout import GeneratorForward, Rollout, generator_prediction, self_rollout, student_prediction
 
 SHAPE = (1, 16, 6, 4, 6)  # B, C, F (3 chunks of 2 latent frames), H, W
 BLOCK = dict(num_frames_per_block=2)
@@ -21,14 +21,21 @@ def test_rollout_equals_pipeline_sampling():
     pipe = tiny_pipeline(**BLOCK)
     pipe.set_progress_bar_config(disable=True)
     text = _text()
-    chunks = list(pipe.stream(prompt_embeds=text, num_frames=21, height=32, width=48, output_type="latent",
-                              generator=torch.Generator().manual_seed(7), return_trajectory=True))
     rollout = self_rollout(pipe.transformer, text, SHAPE, generator=torch.Generator().manual_seed(7))
     assert rollout.trajectory.shape == (4, *SHAPE) and rollout.endpoints.shape == SHAPE
+    streamed = list(pipe.stream(prompt_embeds=text, num_frames=21, height=32, width=48, output_type="latent",
+                                generator=torch.Generator().manual_seed(7)))
+    torch.testing.assert_close(rollout.endpoints, torch.cat([c.latents for c in streamed], 2), rtol=0, atol=0)
+    # the pipeline's sampler, driven with the same noise, steps through exactly the rollout's trajectory
+    sampler = pipe.sampler("cpu")
+    generator = torch.Generator().manual_seed(7)
+    latents = torch.randn(SHAPE, generator=generator)
+    recorded = [[] for _ in range(4)]
+    chunks = list(sampler.sample(latents, text, sampler.denoiser.kv_cache(1, 4, 6, max_frames=6), [2, 2, 2],
+                                 generator, observer=lambda c, k, z: recorded[k].append(z.clone())))
     torch.testing.assert_close(rollout.endpoints, torch.cat([c.latents for c in chunks], 2), rtol=0, atol=0)
     for k in range(4):
-        torch.testing.assert_close(rollout.trajectory[k], torch.cat([c.trajectory[k] for c in chunks], 2),
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(rollout.trajectory[k], torch.cat(recorded[k], 2), rtol=0, atol=0)
     whole = pipe(prompt_embeds=text, num_frames=21, height=32, width=48, output_type="latent",
                  generator=torch.Generator().manual_seed(7)).frames
     torch.testing.assert_close(rollout.endpoints, whole, rtol=0, atol=0)
@@ -157,7 +164,8 @@ def test_teacher_and_diffusion_forcing_use_data_latents():
 
 def _state(student, critic, teacher, lr=1e-3):
     return TrainState(
-        student=student, student_train=student, critic_train=critic, teacher=teacher,
+        student=GeneratorForward(student), student_train=GeneratorForward(student), critic_train=critic,
+        teacher=teacher,
         student_optimizer=torch.optim.AdamW(student.parameters(), lr=lr, betas=(0.0, 0.999)),
         critic_optimizer=torch.optim.AdamW(critic.parameters(), lr=lr, betas=(0.0, 0.999)),
     )
@@ -230,22 +238,23 @@ def test_gradient_checkpointing_gives_the_same_gradients(history):
 
 @pytest.mark.parametrize("history", ["raven", "self_forcing"])
 def test_generator_forward_module_matches_direct_call(history):
-    """The module the script prepares with Accelerate (DDP/FSDP2 see one call) computes the same loss and grads."""
-    from raven_video.training.rollout import GeneratorForward
-
+    """The module the script prepares with Accelerate (DDP/FSDP2 see one call) computes the same prediction and
+    grads as the direct call, and generator_loss goes through it."""
     model = _model64()
     critic = tiny_causal_transformer(seed=1, dtype=torch.float64, **BLOCK)
     teacher = tiny_causal_transformer(seed=2, dtype=torch.float64, **BLOCK)
     text, neg = _text().double(), _text(seed=1).double()
     rollout = _rollout64(model, text)
-    config = RavenConfig(history=history)
     results = []
-    for student in (model, GeneratorForward(model)):
+    for call in (lambda: generator_prediction(model, history, rollout, torch.tensor([1]), text),
+                 lambda: student_prediction(GeneratorForward(model), history, rollout, torch.tensor([1]), text)):
         model.zero_grad()
-        loss, logs = generator_loss(student, critic, teacher, rollout, text, neg, config,
-                                    torch.Generator().manual_seed(0), [2, 2, 2])
-        loss.backward()
-        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+        x0, _ = call()
+        x0.pow(2).sum().backward()
+        results.append((x0.detach(), [p.grad.clone() for p in model.parameters()]))
     torch.testing.assert_close(results[0][0], results[1][0])
     for a, b in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(a, b)
+    loss, _ = generator_loss(GeneratorForward(model), critic, teacher, rollout, text, neg, RavenConfig(history=history),
+                             torch.Generator().manual_seed(0), [2, 2, 2])
+    assert torch.isfinite(loss)

@@ -5,13 +5,11 @@ import math
 import pytest
 import torch
 
+from raven_video.sampling.flow import consistency_timesteps, next_timesteps, shift_sigma
 from raven_video.training.timesteps import (
-    consistency_timesteps,
-    next_timesteps,
     sample_generator_step_index,
     sample_policy_step_index,
     sample_score_timesteps,
-    shift_sigma,
 )
 
 

@@ -13,7 +13,9 @@ Layout of one layer's buffer, in latent-frame slots of ``tokens_per_frame`` toke
   :mod:`raven_video.models.attention_layout`), so streaming equals the windowed block-causal full sequence.
 
 The text K/V of cross-attention are cached too (computed at the first call, reused afterwards); a prompt switch
-calls :meth:`WanKVCache.reset_text`. Bookkeeping is plain Python (no device syncs).
+calls :meth:`WanKVCache.reset_text`. ``cache_text=False`` keeps them out: every forward then recomputes them from the
+text embeddings (with gradient, for training; the history K/V stay cached and detached). Bookkeeping is plain Python
+(no device syncs).
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ class WanKVCache:
         local_attn_size: attention window in latent frames including the current chunk and the sink (-1 = unlimited).
         sink_size: first latent frames that stay visible forever.
         frames_per_block: latent frames per chunk (size of the ring's blind spot, see module docstring).
+        cache_text: keep the cross-attention text K/V after the first forward (streaming); ``False``: never (each
+            forward recomputes them, e.g. a training forward that must reach the text projections).
     """
 
     def __init__(
@@ -60,6 +64,7 @@ class WanKVCache:
         frames_per_block: int = 3,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        cache_text: bool = True,
     ):
         if local_attn_size == -1:
             if max_frames is None or max_frames < 1:
@@ -78,6 +83,7 @@ class WanKVCache:
             self.ring_frames = local_attn_size - sink_size - frames_per_block
             capacity = sink_size + self.ring_frames
         self.num_layers = num_layers
+        self.cache_text = cache_text
         self.batch_size = batch_size
         self.tokens_per_frame = tokens_per_frame
         self.local_attn_size = local_attn_size
@@ -209,6 +215,8 @@ class KVCacheLayer:
         return self.cache.text_keys[self.index], self.cache.text_values[self.index]
 
     def set_text(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        if not self.cache.cache_text:
+            return
         # text K/V of a new prompt go into the previous prompt's storage when it fits, so their memory addresses stay
         # fixed across prompts and streams (CUDA graphs captured once keep reading the right tensors)
         store = self.cache._text_storage

@@ -353,8 +353,10 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         sink_size: int | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        cache_text: bool = True,
     ) -> WanKVCache:
-        """Allocate a :class:`WanKVCache` for streaming ``batch_size`` videos at the given latent size."""
+        """Allocate a :class:`WanKVCache` for streaming ``batch_size`` videos at the given latent size
+        (``cache_text=False``: the text K/V are recomputed by every forward, see :class:`WanKVCache`)."""
         cfg = self.config
         local = cfg.local_attn_size if local_attn_size is None else local_attn_size
         sink = cfg.sink_size if sink_size is None else sink_size
@@ -371,6 +373,7 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
             frames_per_block=cfg.num_frames_per_block,
             dtype=dtype or self.dtype,
             device=device or self.device,
+            cache_text=cache_text,
         )
 
     _ROTARY_CACHE_SIZE = 64

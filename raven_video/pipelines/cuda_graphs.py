@@ -1,15 +1,17 @@
-"""CUDA graphs of the streaming transformer calls (issue 6: a chunk's forwards are a few hundred kernel launches
-each, and the Python that launches them also has to feed the VAE decode on the side stream).
+"""CUDA graphs of the streaming transformer calls: a chunk's forwards are a few hundred kernel launches each, and the
+Python that launches them also has to feed the VAE decode on the side stream.
 
-A stream makes the same calls every time: for chunk ``c`` at latent frame ``s``, four denoising forwards and one
-cache pass, whose KV-cache reads and writes (the cache's :class:`~raven_video.models.kv_cache.CachePlan`) depend only
-on ``s``, the chunk size and the cache's window. :class:`StreamingGraphs` keeps one KV cache per stream shape (reset,
-not reallocated, between streams, so buffer addresses stay fixed), runs each distinct call eagerly the first time
-(compilation, cuDNN plans, RoPE tables), captures it the second time, and replays it afterwards with the inputs
-copied into static buffers. The text K/V are computed eagerly at a stream's first forward and written into fixed
-storage (``KVCacheLayer.set_text``), so graphs stay valid across prompts.
+A stream makes the same calls every time: for chunk ``c`` at latent frame ``s``, the denoising forwards and one cache
+pass, whose KV-cache reads and writes (the cache's :class:`~raven_video.models.kv_cache.CachePlan`) depend only on
+``s``, the chunk size and the cache's window. :class:`StreamingGraphs` is a :class:`~raven_video.sampling.sampler.Denoiser`
+(the sampler calls it like the eager transformer): it keeps one KV cache per stream shape (reset, not reallocated,
+between streams, so buffer addresses stay fixed), runs each distinct call eagerly the first time (compilation, cuDNN
+plans, RoPE tables), captures it the second time, and replays it afterwards with the inputs copied into static
+buffers. The text K/V are computed eagerly at a stream's first forward and written into fixed storage
+(``KVCacheLayer.set_text``), so graphs stay valid across prompts.
 
-Only full CUDA streams use it; if a capture fails the runner logs why and stays eager for good.
+Calls it cannot replay (text to embed, gradients, CPU tensors, another cache) run eagerly; if a capture fails the
+runner logs why and stays eager for good.
 """
 
 from __future__ import annotations
@@ -39,8 +41,8 @@ class StreamingGraphs:
         transformer: the streaming transformer (in eval mode, on a CUDA device).
         warmup_calls: eager runs of each distinct call before it is captured (default 1).
 
-    Use through ``pipe.enable_realtime(cuda_graphs=True)``; the pipeline asks :meth:`cache_for` for its KV cache and
-    routes text-free transformer calls through :meth:`run`.
+    Use through ``pipe.enable_realtime(cuda_graphs=True)``: the pipeline's sampler then allocates its KV cache with
+    :meth:`kv_cache` and makes every transformer call through :meth:`__call__`.
     """
 
     def __init__(self, transformer, warmup_calls: int = 1):
@@ -53,7 +55,7 @@ class StreamingGraphs:
         self._cache_key = None
         self.disabled_reason: str | None = None
 
-    def cache_for(self, batch_size: int, latent_height: int, latent_width: int, **kwargs) -> WanKVCache:
+    def kv_cache(self, batch_size: int, latent_height: int, latent_width: int, **kwargs) -> WanKVCache:
         """The KV cache of a stream of this shape: the previous one, reset, or a new one (dropping old graphs)."""
         key = (batch_size, latent_height, latent_width, tuple(sorted(kwargs.items(), key=lambda kv: kv[0])))
         if self.cache is not None and key == self._cache_key:
@@ -65,15 +67,16 @@ class StreamingGraphs:
         self._cache_key = key
         return self.cache
 
-    def run(self, model_in: torch.Tensor, timestep: torch.Tensor, cache: WanKVCache, frame_offset: int,
-            update_cache: bool) -> torch.Tensor:
-        """``transformer(model_in, timestep, None, kv_cache=cache, frame_offset=..., update_cache=...).sample``."""
+    def __call__(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor | None, cache: WanKVCache,
+                 frame_offset: int, update_cache: bool = False) -> torch.Tensor:
+        """``transformer(latents, timestep, text, kv_cache=cache, frame_offset=..., update_cache=...).sample``."""
+        model_in = latents.to(self.transformer.dtype)
 
         def eager():
-            return self.transformer(model_in, timestep, None, kv_cache=cache, frame_offset=frame_offset,
+            return self.transformer(model_in, timestep, text, kv_cache=cache, frame_offset=frame_offset,
                                     update_cache=update_cache).sample
 
-        if (self.disabled_reason is not None or cache is not self.cache or not cache.has_text
+        if (text is not None or self.disabled_reason is not None or cache is not self.cache or not cache.has_text
                 or model_in.device.type != "cuda" or torch.is_grad_enabled()):
             return eager()
         frames = model_in.shape[2]

@@ -1,13 +1,14 @@
 """``CausalWanPipeline``: chunk-by-chunk, KV-cached text-to-video with a few-step consistency sampler.
 
-Spec Appendix B.1: encode the prompt once; draw one full-length noise tensor; for every chunk run the 4 consistency
-steps ``t = [1000, 938, 833, 625]`` (``FlowMatchLCMScheduler``, shift 5: ``x0 = z - sigma v``, then
-``z' = (1 - sigma') x0 + sigma' eps``), then one cache pass of the clean endpoint at t=0 that writes the chunk's K/V;
+Inference of ``docs/method.md`` §2 (Alg. 1 l.1-10): encode the prompt once; draw one full-length noise tensor; sample
+it chunk by chunk with :class:`~raven_video.sampling.sampler.ChunkSampler` (the 4 consistency steps
+``t = [1000, 938, 833, 625]`` of ``FlowMatchLCMScheduler``, shift 5, then one cache pass of the clean chunk at t=0);
 decode each chunk as it arrives with a streaming VAE decoder that is bit-exact with one-shot decoding.
 
 ``__call__`` returns the whole video like ``WanPipeline``; :meth:`CausalWanPipeline.stream` yields decoded frames
 chunk by chunk (their concatenation equals ``__call__``), with optional prompt switches and a LongLive-style local
-window + attention sink for streams longer than the training length.
+window + attention sink for streams longer than the training length. :meth:`CausalWanPipeline.enable_realtime` wraps
+the sampler's network calls (compile, CUDA graphs) and the decoder (fused kernels, a second CUDA stream) from outside.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -26,18 +27,17 @@ from diffusers.loaders import WanLoraLoaderMixin
 from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
 from diffusers.pipelines.wan.pipeline_wan import WanPipeline
 from diffusers.utils import logging
-from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 from transformers import AutoTokenizer, UMT5EncoderModel
 
-from ..models.attention_layout import num_frames_problem
+from ..models.attention_layout import num_frames_problem, validate_window
 from ..models.transformer_causal_wan import CausalWanTransformer3DModel
+from ..sampling.flow import DEFAULT_TIMESTEPS, next_timesteps, scheduler_sigmas
+from ..sampling.sampler import ChunkSampler, Denoiser, TransformerDenoiser, initial_noise
 from . import hub
 from .vae_streaming import StreamingWanDecoder
 
 logger = logging.get_logger(__name__)
-
-DEFAULT_DENOISING_TIMESTEPS = (1000, 938, 833, 625)
 
 
 @dataclass
@@ -60,15 +60,14 @@ class StreamChunk:
     frame_start: int
     prompt: list[str] | None
     seconds: float = 0.0
-    trajectory: list[torch.Tensor] = field(default_factory=list)
 
 
 class _ChunkDecoder:
     """Streaming VAE decode of each chunk, optionally on a side CUDA stream (``submit`` returns at once; ``result``
     waits for that chunk only)."""
 
-    def __init__(self, vae, video_processor, output_type, stream=None):
-        self.decoder = StreamingWanDecoder(vae)
+    def __init__(self, vae, video_processor, output_type, decoder=None, stream=None):
+        self.decoder = StreamingWanDecoder(vae, decoder=decoder)
         self.vae, self.video_processor, self.output_type, self.stream = vae, video_processor, output_type, stream
 
     @property
@@ -98,13 +97,24 @@ class _ChunkDecoder:
         return self.video_processor.postprocess_video(pixels, output_type=self.output_type)
 
 
-def consistency_scheduler_sigmas(timesteps, shift: float, num_train_timesteps: int = 1000) -> list[float]:
-    """Unshifted sigmas that ``FlowMatchLCMScheduler(shift=...)`` maps onto ``timesteps / num_train_timesteps``."""
-    out = []
-    for t in timesteps:
-        s = float(t) / num_train_timesteps
-        out.append(s / (shift - (shift - 1.0) * s))
-    return out
+class _EncodedSchedule(Mapping):
+    """``{chunk: prompt}`` seen as ``{chunk: text embeddings}``, encoded when the sampler reaches the chunk (so a
+    schedule may still change while a stream runs)."""
+
+    def __init__(self, schedule: Mapping[int, str], encode):
+        self.schedule, self.encode = schedule, encode
+
+    def __getitem__(self, index):
+        return self.encode([self.schedule[index]])
+
+    def __contains__(self, index):
+        return index in self.schedule
+
+    def __iter__(self):
+        return iter(self.schedule)
+
+    def __len__(self):
+        return len(self.schedule)
 
 
 class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
@@ -114,7 +124,8 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         tokenizer (`T5TokenizerFast` / `PreTrainedTokenizerFast`), text_encoder (`UMT5EncoderModel`),
         vae (`AutoencoderKLWan`), scheduler (`FlowMatchLCMScheduler`, shift 5),
         transformer (`CausalWanTransformer3DModel`).
-        denoising_timesteps (`list[int]`, defaults to `[1000, 938, 833, 625]`): the few-step list (spec §1.3).
+        denoising_timesteps (`list[int]`, defaults to `[1000, 938, 833, 625]`): the few-step list
+            (``docs/method.md`` §1.3).
         fps (`int`, defaults to 16): frame rate of the generated video (metadata for writers).
         height, width (`int`, defaults to 480 x 832): the model's native size, used when a call gives none.
     """
@@ -122,9 +133,10 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
     model_cpu_offload_seq = "text_encoder->transformer->vae"
     _callback_tensor_inputs = ["latents"]
     # real-time state, set by `enable_realtime` (plain attributes: not pipeline components or config)
+    _realtime_denoiser: Denoiser | None = None  # e.g. CUDA graphs of the streaming calls; None: the eager transformer
+    _fast_decoder = None  # FastWanDecoder for the streaming VAE decode; None: diffusers' decoder
     _overlap_decode = False
     _side_stream = None
-    _graphs = None
 
     def __init__(
         self,
@@ -133,7 +145,7 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         vae: AutoencoderKLWan,
         scheduler: FlowMatchLCMScheduler,
         transformer: CausalWanTransformer3DModel,
-        denoising_timesteps: list[int] | tuple[int, ...] = DEFAULT_DENOISING_TIMESTEPS,
+        denoising_timesteps: list[int] | tuple[int, ...] = DEFAULT_TIMESTEPS,
         fps: int = 16,
         height: int = 480,
         width: int = 832,
@@ -143,10 +155,10 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer
         )
         timesteps = [int(t) for t in denoising_timesteps]
-        if not timesteps or any(a <= b for a, b in zip(timesteps, timesteps[1:])) or timesteps[-1] <= 0:
-            raise ValueError(
-                f"denoising_timesteps={timesteps} must be strictly decreasing positive integers, e.g. [1000, 938, 833, 625]."
-            )
+        try:
+            next_timesteps(timesteps)
+        except ValueError as err:
+            raise ValueError(f"denoising_timesteps: {err} E.g. [1000, 938, 833, 625].") from None
         self.register_to_config(denoising_timesteps=timesteps, fps=int(fps), height=int(height), width=int(width))
         self.vae_scale_factor_temporal = vae.config.scale_factor_temporal if vae is not None else 4
         self.vae_scale_factor_spatial = vae.config.scale_factor_spatial if vae is not None else 8
@@ -159,6 +171,15 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
 
     def _get_t5_prompt_embeds(self, *args, **kwargs):
         return WanPipeline._get_t5_prompt_embeds(self, *args, **kwargs)
+
+    def _encode(self, prompt, negative_prompt, guidance_scale, num_videos_per_prompt, max_sequence_length, device):
+        """Prompt embeddings in the transformer's dtype; ``[neg; pos]`` when guided."""
+        pos, neg = self.encode_prompt(
+            prompt=prompt, negative_prompt=negative_prompt, do_classifier_free_guidance=guidance_scale > 1.0,
+            num_videos_per_prompt=num_videos_per_prompt, max_sequence_length=max_sequence_length, device=device,
+        )
+        text = torch.cat([neg, pos]) if guidance_scale > 1.0 else pos
+        return text.to(self.transformer.dtype)
 
     # ------------------------------------------------------------------ validation
     def check_inputs(self, prompt, negative_prompt, num_frames, height, width, prompt_embeds, guidance_scale,
@@ -205,9 +226,6 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                 "latent frames. Load the transformer with a larger `rope_max_seq_len` or generate fewer frames."
             )
         if local_attn_size is not None or sink_size is not None:
-            from ..models.attention_layout import validate_window
-
-            cfg = self.transformer.config
             validate_window(
                 cfg.local_attn_size if local_attn_size is None else local_attn_size,
                 cfg.sink_size if sink_size is None else sink_size,
@@ -227,45 +245,16 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
     def latent_frames(self, num_frames: int) -> int:
         return (num_frames - 1) // self.vae_scale_factor_temporal + 1
 
-    # ------------------------------------------------------------------ sampling helpers
-    def _set_scheduler(self, device) -> torch.Tensor:
-        """Reset the scheduler to the consistency list; returns the model timesteps (exact integers, spec §1.3)."""
-        shift = self.scheduler.config.shift
-        self.scheduler.set_timesteps(
-            sigmas=consistency_scheduler_sigmas(self.config.denoising_timesteps, shift), device=device
-        )
-        self.scheduler.set_begin_index(0)
-        return torch.tensor(self.config.denoising_timesteps, dtype=torch.float32, device=device)
+    # ------------------------------------------------------------------ the sampler
+    @property
+    def denoiser(self) -> Denoiser:
+        """What the sampler calls: the accelerated network of :meth:`enable_realtime`, else the eager transformer."""
+        return self._realtime_denoiser or TransformerDenoiser(self.transformer)
 
-    def _consistency_step(self, velocity, sample, k, noise):
-        """``FlowMatchLCMScheduler.step`` arithmetic with the noise given (spec §1.4): ``x0 = z - sigma_k v``,
-        ``z' = (1 - sigma_{k+1}) x0 + sigma_{k+1} eps`` in fp32; at the last step ``z' = x0``."""
-        sigma, sigma_next = self.scheduler.sigmas[k], self.scheduler.sigmas[k + 1]
-        x0 = sample.to(torch.float32) - sigma * velocity.float()
-        return (1 - sigma_next) * x0 + sigma_next * noise
-
-    @staticmethod
-    def _step_noise(shape, steps, generator, device):
-        """The chunk's per-step noise, drawn in the order ``FlowMatchLCMScheduler.step`` would draw it, moved to the
-        device in one non-blocking copy (a CPU generator would otherwise force a host sync at every step)."""
-        first = generator[0] if isinstance(generator, list) else generator
-        draw_device = first.device if first is not None else device
-        noise = torch.stack(
-            [randn_tensor(shape, generator=generator, device=draw_device, dtype=torch.float32) for _ in range(steps)]
-        )
-        if noise.device != torch.device(device):
-            if torch.device(device).type == "cuda":
-                noise = noise.pin_memory().to(device, non_blocking=True)
-            else:
-                noise = noise.to(device)
-        return noise
-
-    def _decode_stream(self, device):
-        if self._overlap_decode and torch.device(device).type == "cuda":
-            if self._side_stream is None:
-                self._side_stream = torch.cuda.Stream(device=device)
-            return self._side_stream
-        return None
+    def sampler(self, device) -> ChunkSampler:
+        """The chunk sampler of this pipeline: its denoiser, the few-step list and the scheduler's sigmas."""
+        timesteps = self.config.denoising_timesteps
+        return ChunkSampler(self.denoiser, timesteps, scheduler_sigmas(self.scheduler, timesteps, device))
 
     # ------------------------------------------------------------------ real time
     def enable_realtime(
@@ -275,16 +264,17 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         attention_backend: str | None = None,
         cudnn_benchmark: bool = True,
         self_attention_kernel: str | None = None,
-        vae_channels_last: bool = False,
-        vae_conv: str | None = None,
+        vae_conv: str = "conv3d",
         vae_fuse: bool = True,
         cuda_graphs: bool = True,
         **compile_kwargs,
     ) -> "CausalWanPipeline":
         """Turn on the fast streaming path (outputs equal the eager path up to kernel numerics; see BENCHMARKS.md).
 
-        The defaults are the fastest combination measured (H100, 81 frames at 480x832: 4.83 s eager -> 2.88 s).
-        The first two streams of a shape are slower: compilation, then CUDA-graph capture.
+        Everything wraps the sampler from outside: the transformer blocks are compiled, its streaming calls replayed
+        as CUDA graphs (a :class:`~raven_video.sampling.sampler.Denoiser` of its own), and the VAE decode runs a
+        faster decoder on a second CUDA stream. The first two streams of a shape are slower: compilation, then
+        CUDA-graph capture.
 
         Args:
             compile: ``torch.compile`` the static-shape halves of every transformer block (regional compile, one
@@ -299,17 +289,13 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                 convolutions use the fastest algorithm.
             self_attention_kernel: PyTorch SDPA kernel for the streaming self-attention only (``"cudnn"``,
                 ``"flash"``, ``"fa3"``, ...; see ``CausalWanTransformer3DModel.set_self_attention_kernel``).
-            vae_channels_last: store the VAE's 3-D convolution weights as ``channels_last_3d`` (superseded by
-                ``vae_fuse``, which keeps weights and activations channels-last).
-            vae_conv: implementation of the VAE decoder's causal 3-D convolutions (``"conv3d"``, ``"taps2d"``,
-                ``"stack2d"`` or ``"diffusers"``), see :func:`~raven_video.pipelines.vae_fast.set_causal_conv_impl`;
-                default ``"conv3d"`` with ``vae_fuse``, else unchanged.
-            vae_fuse: fused residual blocks for the VAE decoder (cached frames + RMS norm + SiLU + bias in one
-                kernel, channels-last convolutions without padding copies; H100 decode 2.10 -> 0.91 s), see
-                :func:`~raven_video.pipelines.vae_fast.fuse_decoder_pointwise`.
+            vae_conv: causal 3-D convolutions of the streaming VAE decoder (``"conv3d"``, ``"taps2d"``,
+                ``"stack2d"`` or ``"diffusers"``), see :class:`~raven_video.pipelines.vae_fast.FastWanDecoder`.
+            vae_fuse: fused pointwise work in the VAE decoder (cached frames + RMS norm + SiLU + bias in one kernel;
+                H100 decode 2.10 -> 0.91 s with ``vae_conv="conv3d"``).
             cuda_graphs: capture each streaming transformer call (per chunk position, denoising / cache pass) in a
                 CUDA graph on its second occurrence and replay it afterwards; the KV cache is then kept between
-                streams of the same shape. See :mod:`raven_video.pipelines.cuda_graphs`. CUDA only (a no-op on CPU).
+                streams of the same shape. See :mod:`raven_video.pipelines.cuda_graphs`. On CPU it runs eagerly.
         """
         if compile:
             self.transformer.compile_streaming(**compile_kwargs)
@@ -317,80 +303,27 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             self.transformer.set_attention_backend(attention_backend)
         if self_attention_kernel is not None:
             self.transformer.set_self_attention_kernel(self_attention_kernel)
-        if self.vae is not None:
-            from .vae_fast import fuse_decoder_pointwise, set_causal_conv_impl
+        self._fast_decoder = None
+        if self.vae is not None and (vae_fuse or vae_conv != "diffusers"):
+            from .vae_fast import FastWanDecoder
 
-            if vae_channels_last:
-                for module in self.vae.modules():
-                    if isinstance(module, torch.nn.Conv3d):
-                        module.to(memory_format=torch.channels_last_3d)
-            if vae_conv is None and vae_fuse:
-                vae_conv = "conv3d"  # the fused residual blocks keep channels-last activations; so should the rest
-            if vae_conv is not None:
-                set_causal_conv_impl(self.vae, vae_conv)
-            if vae_fuse:
-                fuse_decoder_pointwise(self.vae, compile=compile)
+            self._fast_decoder = FastWanDecoder(self.vae, conv_impl=vae_conv, fuse=vae_fuse, compile=compile)
         if cudnn_benchmark:
             torch.backends.cudnn.benchmark = True
         self._overlap_decode = overlap_decode
-        self._graphs = None
+        self._realtime_denoiser = None
         if cuda_graphs:
             from .cuda_graphs import StreamingGraphs
 
-            self._graphs = StreamingGraphs(self.transformer)
+            self._realtime_denoiser = StreamingGraphs(self.transformer)
         return self
 
-    def _predict(self, latents, t, text, cache, frame_offset, guidance_scale):
-        """Flow prediction for one chunk; CFG as ``neg + w (pos - neg)`` (spec §10.12) on a ``[neg; pos]`` batch."""
-        model_in = torch.cat([latents, latents]) if guidance_scale > 1.0 else latents
-        timestep = t.expand(model_in.shape[0])  # fp32: bf16 would turn 938 into 936
-        if self._graphs is not None and text is None:
-            v = self._graphs.run(model_in.to(self.transformer.dtype), timestep, cache, frame_offset, update_cache=False)
-        else:
-            v = self.transformer(
-                model_in.to(self.transformer.dtype), timestep, text, kv_cache=cache, frame_offset=frame_offset
-            ).sample
-        if guidance_scale > 1.0:
-            v_neg, v_pos = v.chunk(2)
-            v = v_neg + guidance_scale * (v_pos - v_neg)
-        return v
-
-    def _cache_pass(self, clean, text, cache, frame_offset, guidance_scale):
-        model_in = torch.cat([clean, clean]) if guidance_scale > 1.0 else clean
-        zero = torch.zeros(model_in.shape[0], dtype=torch.float32, device=clean.device)
-        if self._graphs is not None and text is None:
-            self._graphs.run(model_in.to(self.transformer.dtype), zero, cache, frame_offset, update_cache=True)
-            return
-        self.transformer(
-            model_in.to(self.transformer.dtype), zero, text, kv_cache=cache, frame_offset=frame_offset,
-            update_cache=True,
-        )
-
-    def _encode(self, prompt, negative_prompt, guidance_scale, num_videos_per_prompt, max_sequence_length, device):
-        pos, neg = self.encode_prompt(
-            prompt=prompt, negative_prompt=negative_prompt, do_classifier_free_guidance=guidance_scale > 1.0,
-            num_videos_per_prompt=num_videos_per_prompt, max_sequence_length=max_sequence_length, device=device,
-        )
-        text = torch.cat([neg, pos]) if guidance_scale > 1.0 else pos
-        return text.to(self.transformer.dtype)
-
-    def _recache(self, cache, history, text, guidance_scale):
-        """Re-run the cache pass over every cached frame with the new text (LongLive prompt-switch re-cache)."""
-        frames = cache.cached_frames()
-        if not frames:
-            return
-        sizes = self.transformer.chunk_sizes(history.shape[2]) if history.shape[2] else []
-        bounds, start = [], 0
-        for n in sizes:
-            bounds.append((start, start + n))
-            start += n
-        runs = []
-        for a, b in bounds:
-            piece = [f for f in frames if a <= f < b]
-            if piece:
-                runs.append((piece[0], piece[-1] + 1))
-        for a, b in runs:
-            self._cache_pass(history[:, :, a:b], text, cache, a, guidance_scale)
+    def _decode_stream(self, device):
+        if self._overlap_decode and torch.device(device).type == "cuda":
+            if self._side_stream is None:
+                self._side_stream = torch.cuda.Stream(device=device)
+            return self._side_stream
+        return None
 
     # ------------------------------------------------------------------ the chunk loop
     @torch.no_grad()
@@ -409,12 +342,10 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         negative_prompt_embeds: torch.Tensor | None = None,
         output_type: str = "np",
         max_sequence_length: int = 512,
-        prompt_schedule: dict[int, str] | None = None,
+        prompt_schedule: Mapping[int, str] | None = None,
         recache_on_switch: bool = True,
         local_attn_size: int | None = None,
         sink_size: int | None = None,
-        return_trajectory: bool = False,
-        sampler_step=None,
     ) -> Iterator[StreamChunk]:
         r"""Generate chunk by chunk, yielding decoded frames as soon as each chunk is done.
 
@@ -423,15 +354,12 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             guidance_scale (`float`, defaults to 1.0): classifier-free guidance of the student (1 = unguided, the
                 released RAVEN setting; >1 runs a negative branch with its own cache entries).
             latents (`torch.Tensor`, *optional*): the full-length initial noise ``[B, 16, F_lat, H/8, W/8]``.
-            prompt_schedule (`dict[int, str]`, *optional*): ``{chunk_index: new_prompt}`` switches the prompt from that
-                chunk on (new text K/V; with ``recache_on_switch`` the cached history is re-encoded with the new
-                prompt, as LongLive does). Needs a batch of one prompt.
+            prompt_schedule (`Mapping[int, str]`, *optional*): ``{chunk_index: new_prompt}`` switches the prompt from
+                that chunk on (new text K/V; with ``recache_on_switch`` the cached history is re-encoded with the new
+                prompt, as LongLive does). Read when the stream reaches each chunk, so entries may be added while it
+                runs (an interactive prompt switch). Needs a batch of one prompt.
             local_attn_size, sink_size (`int`, *optional*): LongLive-style window/sink (latent frames) overriding the
                 transformer config, for streams longer than the training length (RoPE limit: 1024 latent frames).
-            return_trajectory (`bool`): also record each chunk's pre-step noisy inputs (for training rollouts).
-            sampler_step (`Callable`, *optional*): ``(velocity, sample, k, noise) -> next sample`` replacing the
-                consistency step (e.g. CM-GRPO's Euler-Maruyama baseline kernel); ``noise`` is the step's fresh
-                Gaussian noise, drawn as for the consistency step.
 
         Yields:
             :class:`StreamChunk` per chunk.
@@ -440,46 +368,44 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         width = self.config.width if width is None else width
         self.check_inputs(prompt, negative_prompt, num_frames, height, width, prompt_embeds, guidance_scale,
                           local_attn_size, sink_size, prompt_schedule, num_videos_per_prompt, max_sequence_length)
-        if prompt_schedule and (prompt is None or (not isinstance(prompt, str) and len(prompt) != 1)):
+        if prompt_schedule is not None and (prompt is None or (not isinstance(prompt, str) and len(prompt) != 1)):
             raise ValueError("prompt_schedule needs a single `prompt` string (prompt switching is per stream).")
         if output_type not in ("np", "pt", "pil", "latent"):
             raise ValueError(f"output_type={output_type!r}; use 'np', 'pt', 'pil' or 'latent'.")
         device = self._execution_device
-        transformer = self.transformer
+
+        def encode(prompts):
+            return self._encode(prompts, negative_prompt, guidance_scale, num_videos_per_prompt, max_sequence_length,
+                                device)
 
         if prompt_embeds is None:
-            text = self._encode(prompt, negative_prompt, guidance_scale, num_videos_per_prompt,
-                                max_sequence_length, device)
+            text = encode(prompt)
         else:
             text = prompt_embeds if guidance_scale <= 1.0 else torch.cat([negative_prompt_embeds, prompt_embeds])
-            text = text.to(device=device, dtype=transformer.dtype)
+            text = text.to(device=device, dtype=self.transformer.dtype)
         batch = text.shape[0] // (2 if guidance_scale > 1.0 else 1)
-        current_prompt = [prompt] * batch if isinstance(prompt, str) else (list(prompt) if prompt else None)
 
+        config = self.transformer.config
         latent_frames = self.latent_frames(num_frames)
         lh, lw = height // self.vae_scale_factor_spatial, width // self.vae_scale_factor_spatial
-        shape = (batch, transformer.config.in_channels, latent_frames, lh, lw)
+        shape = (batch, config.in_channels, latent_frames, lh, lw)
         if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+            latents = initial_noise(shape, generator, device)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}.")
         latents = latents.to(device=device, dtype=torch.float32)
 
-        sizes = transformer.chunk_sizes(latent_frames)
-        window = transformer.config.local_attn_size if local_attn_size is None else local_attn_size
-        cache_kwargs = dict(max_frames=latent_frames if window == -1 else None, local_attn_size=local_attn_size,
-                            sink_size=sink_size, device=device)
-        if self._graphs is not None and torch.device(device).type == "cuda":
-            cache = self._graphs.cache_for(text.shape[0], lh, lw, **cache_kwargs)  # reused: graphs keep its addresses
-        else:
-            cache = transformer.new_kv_cache(text.shape[0], lh, lw, **cache_kwargs)
+        sampler = self.sampler(device)
+        window = config.local_attn_size if local_attn_size is None else local_attn_size
+        cache = sampler.denoiser.kv_cache(text.shape[0], lh, lw, max_frames=latent_frames if window == -1 else None,
+                                          local_attn_size=local_attn_size, sink_size=sink_size, device=device)
         decoder = None
         if output_type != "latent":
-            decoder = _ChunkDecoder(self.vae, self.video_processor, output_type, self._decode_stream(device))
-        history = torch.zeros_like(latents)
-        timesteps = self._set_scheduler(device)
-        steps = len(timesteps)
-
+            decoder = _ChunkDecoder(self.vae, self.video_processor, output_type, self._fast_decoder,
+                                    self._decode_stream(device))
+        sizes = self.transformer.chunk_sizes(latent_frames)
+        switches = _EncodedSchedule(prompt_schedule, encode) if prompt_schedule is not None else None
+        current_prompt = [prompt] * batch if isinstance(prompt, str) else (list(prompt) if prompt else None)
         last_yield = time.perf_counter()
         pending = None  # a chunk whose decode runs on the side stream while the next chunk's DiT work is queued
 
@@ -491,42 +417,23 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             chunk.seconds, last_yield = now - last_yield, now
             return chunk
 
-        with self.progress_bar(total=len(sizes) * steps) as progress:
-            start = 0
-            for index, n in enumerate(sizes):
-                if prompt_schedule and index in prompt_schedule:
+        with self.progress_bar(total=len(sizes) * sampler.num_steps) as progress:
+            for sampled in sampler.sample(latents, text, cache, sizes, generator, guidance_scale, switches,
+                                          recache_on_switch):
+                index, start, clean = sampled.index, sampled.start, sampled.latents
+                progress.update(sampler.num_steps)
+                if switches is not None and index in switches:
                     current_prompt = [prompt_schedule[index]]
-                    text = self._encode(current_prompt, negative_prompt, guidance_scale, num_videos_per_prompt,
-                                        max_sequence_length, device)
-                    cache.reset_text()
-                    if recache_on_switch:
-                        self._recache(cache, history[:, :, :start], text, guidance_scale)
-                z = latents[:, :, start : start + n]
-                noise = self._step_noise(z.shape, steps, generator, device)  # drawn up front: no sync per step
-                trajectory = []
-                for k in range(steps):
-                    if return_trajectory:
-                        trajectory.append(z.clone())
-                    v = self._predict(z, timesteps[k], text if not cache.has_text else None, cache, start,
-                                      guidance_scale)
-                    z = (sampler_step or self._consistency_step)(v, z, k, noise[k])
-                    progress.update()
-                clean = z
-                history[:, :, start : start + n] = clean
                 if pending is not None:
                     yield finish(pending)
                     pending = None
                 pixel_start = 0 if index == 0 else (start - 1) * self.vae_scale_factor_temporal + 1
                 chunk = StreamChunk(index, decoder.submit(clean) if decoder else None, clean, pixel_start,
-                                    current_prompt, 0.0, trajectory)
+                                    current_prompt)
                 if decoder is not None and decoder.overlaps and index > 0:
                     pending = chunk  # yielded after the next chunk's DiT work is queued
                 else:
                     yield finish(chunk)  # the first chunk goes out at once (latency)
-                # The cache pass of chunk c is only needed by chunk c + 1: it runs after the frames went out.
-                if index < len(sizes) - 1:
-                    self._cache_pass(clean, text if not cache.has_text else None, cache, start, guidance_scale)
-                start += n
             if pending is not None:
                 yield finish(pending)
         self.maybe_free_model_hooks()

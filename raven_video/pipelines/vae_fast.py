@@ -1,29 +1,29 @@
-"""Faster causal 3-D convolutions for the Wan VAE decoder (issue 6: the VAE is half of a streamed video's time).
+"""A faster decoder for the Wan VAE: :class:`FastWanDecoder`, the same decoding as diffusers' ``WanDecoder3d`` in fewer,
+faster kernels (the VAE is about half of a streamed video's time on a GPU).
 
-diffusers' ``WanCausalConv3d.forward`` concatenates the cached frames, then ``F.pad`` copies the whole input to add
-the temporal *and* spatial zero padding, then runs ``nn.Conv3d``. cuDNN's 3-D convolutions in bf16 reach a fraction of
-what its 2-D ones do on Hopper, so the implementations here keep the activations in ``channels_last_3d`` memory
-(physically ``[B, T, H, W, C]``: every frame is an NHWC image, a free view) and compute
+It is a module of its own that shares the VAE decoder's parameters and follows its causal feature-cache protocol
+(``feat_cache`` / ``feat_idx`` / ``first_chunk``), so :class:`~raven_video.pipelines.vae_streaming.StreamingWanDecoder`
+drives it in place of ``vae.decoder``; the VAE itself is untouched (``vae.decode`` stays diffusers').
 
-- ``"taps2d"``: one NHWC ``conv2d`` per temporal tap, summed: ``y_t = sum_k conv2d(x_{t+k}, W[:, :, k])``;
-- ``"stack2d"``: the ``kt`` temporal taps stacked on the channel axis and one ``conv2d`` with ``kt * C`` input
-  channels (one GEMM with a longer reduction, at the price of a copy of the input);
-- ``"conv3d"``: ``nn.Conv3d`` on ``channels_last_3d`` with the spatial padding done by the kernel, not by a copy.
+Two levers, each switchable:
 
-All of them pad in time exactly as diffusers does (cache frames, then zeros) and leave the math unchanged: the
-result equals ``"diffusers"`` up to float summation order (fp32: ~1e-6; bf16: rounding of the tap sum). Only
-convolutions with stride 1, dilation 1 and groups 1 are switched (every one of the Wan2.1 decoder's), so encoders are
-untouched. Inference only: per-tap weights are cached and re-derived when the weight tensor changes in place.
+* **Causal 3-D convolutions** (``conv_impl``). diffusers' ``WanCausalConv3d.forward`` concatenates the cached frames,
+  then ``F.pad`` copies the whole input for the temporal *and* spatial padding, then runs ``nn.Conv3d``. cuDNN's 3-D
+  convolutions in bf16 reach a fraction of its 2-D ones on Hopper, so the fast implementations keep activations in
+  ``channels_last_3d`` memory (physically ``[B, T, H, W, C]``: each frame a free NHWC view) and compute
+  ``"conv3d"``: ``conv3d`` on channels-last with the spatial padding done by the kernel, not a copy;
+  ``"taps2d"``: one NHWC ``conv2d`` per temporal tap, summed, ``y_t = sum_k conv2d(x_{t+k}, W[:, :, k])``;
+  ``"stack2d"``: the taps stacked on the channel axis and one ``conv2d`` with ``kt * C`` input channels.
+  ``"diffusers"`` calls the module's own forward. All pad in time exactly as diffusers does (cached frames, then
+  zeros): results equal diffusers' up to summation order (fp32 ~1e-6).
+* **Fused pointwise work** (``fuse``). Each ``WanRMS_norm`` runs in fp32 in several passes, then SiLU, and
+  ``WanUpsample`` round-trips through fp32. Fused: a residual block's input of each convolution ("cached frames +
+  RMS norm + SiLU + the previous convolution's bias") is built in one ``torch.compile``-d row kernel over the channel
+  axis, its output ("bias + shortcut") in another, and upsampling (nearest: copies values) stays in the activation
+  dtype. One rounding to bf16 instead of two.
 
-The other half of the decoder's time is memory-bound pointwise work: each ``WanRMS_norm`` runs in fp32 in several
-passes, then SiLU, and ``WanUpsample`` round-trips through fp32. :func:`fuse_decoder_pointwise` replaces every
-"RMS norm -> SiLU" pair of the decoder (the residual blocks' two and the head's) by one ``torch.compile``-d kernel
-over the channel axis (one read and one write of bf16 instead of about six passes, some in fp32) and upsamples in the
-activations' dtype (nearest-neighbour: bit-identical).
-
-    from raven_video.pipelines.vae_fast import fuse_decoder_pointwise, set_causal_conv_impl
-    set_causal_conv_impl(pipe.vae, "conv3d")
-    fuse_decoder_pointwise(pipe.vae)       # both: pipe.enable_realtime() (vae_conv=..., vae_fuse=...)
+Hand-written because diffusers has no fast or streaming path for this decoder; pinned to diffusers 0.42.1 like
+:mod:`~raven_video.pipelines.vae_streaming`.
 """
 
 from __future__ import annotations
@@ -36,18 +36,21 @@ from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.autoencoder_kl_wan import (
     CACHE_T,
     WanCausalConv3d,
+    WanResample,
     WanResidualBlock,
     WanRMS_norm,
-    WanUpsample,
+    WanUpBlock,
 )
 
+__all__ = ["CAUSAL_CONV_IMPLS", "FastWanDecoder"]
 
 CAUSAL_CONV_IMPLS = ("diffusers", "conv3d", "taps2d", "stack2d")
 
 
-def _temporal_pad(module: WanCausalConv3d, x: torch.Tensor, cache_x: torch.Tensor | None) -> torch.Tensor:
+# ------------------------------------------------------------------------------------ causal convolutions, NHWC
+def _temporal_pad(conv: WanCausalConv3d, x: torch.Tensor, cache_x: torch.Tensor | None) -> torch.Tensor:
     """diffusers' causal time padding: the cached frames first, then zero frames up to ``2 * padding_t``."""
-    front = module._padding[4]
+    front = conv._padding[4]
     if cache_x is not None and front > 0:
         x = torch.cat([cache_x.to(x.device), x], dim=2)
         front -= cache_x.shape[2]
@@ -56,26 +59,8 @@ def _temporal_pad(module: WanCausalConv3d, x: torch.Tensor, cache_x: torch.Tenso
     return x.contiguous(memory_format=torch.channels_last_3d)
 
 
-def _spatial_padding(module: WanCausalConv3d) -> tuple[int, int]:
-    return module._padding[2], module._padding[0]  # (h, w)
-
-
-def _cached_weights(module: WanCausalConv3d, impl: str) -> tuple[torch.Tensor, ...]:
-    weight = module.weight
-    key = (impl, weight.data_ptr(), weight._version, weight.dtype, weight.device)
-    cached = getattr(module, "_raven_fast_weights", None)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    w = weight.detach()
-    if impl == "taps2d":
-        weights = tuple(w[:, :, k].contiguous(memory_format=torch.channels_last) for k in range(w.shape[2]))
-    elif impl == "stack2d":  # input channel k * C + c  <->  W[:, c, k]
-        c_out, c_in, kt, kh, kw = w.shape
-        weights = (w.permute(0, 2, 1, 3, 4).reshape(c_out, kt * c_in, kh, kw).contiguous(memory_format=torch.channels_last),)
-    else:  # conv3d
-        weights = (w.contiguous(memory_format=torch.channels_last_3d),)
-    module._raven_fast_weights = (key, weights)
-    return weights
+def _spatial_padding(conv: WanCausalConv3d) -> tuple[int, int]:
+    return conv._padding[2], conv._padding[0]  # (h, w)
 
 
 def _frames_to_5d(y: torch.Tensor, batch: int) -> torch.Tensor:
@@ -83,90 +68,59 @@ def _frames_to_5d(y: torch.Tensor, batch: int) -> torch.Tensor:
     return y.view(batch, -1, *y.shape[1:]).permute(0, 2, 1, 3, 4)
 
 
-def _forward_taps2d(self: WanCausalConv3d, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
-    x = _temporal_pad(self, x, cache_x)
+def _conv_taps2d(conv, weights, x: torch.Tensor) -> torch.Tensor:
     batch, channels, padded_frames, height, width = x.shape
-    kt = self.kernel_size[0]
-    frames = padded_frames - kt + 1
+    frames = padded_frames - conv.kernel_size[0] + 1
     per_frame = x.permute(0, 2, 1, 3, 4)  # [B, T', C, H, W], every frame an NHWC image
     out = None
-    for k, weight in enumerate(_cached_weights(self, "taps2d")):
+    for k, weight in enumerate(weights):
         inputs = per_frame[:, k : k + frames].reshape(batch * frames, channels, height, width)
-        y = F.conv2d(inputs, weight, self.bias if k == 0 else None, padding=_spatial_padding(self))
+        y = F.conv2d(inputs, weight, conv.bias if k == 0 else None, padding=_spatial_padding(conv))
         out = y if out is None else out.add_(y)
     return _frames_to_5d(out, batch)
 
 
-def _forward_stack2d(self: WanCausalConv3d, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
-    x = _temporal_pad(self, x, cache_x)
+def _conv_stack2d(conv, weights, x: torch.Tensor) -> torch.Tensor:
     batch, channels, padded_frames, height, width = x.shape
-    kt = self.kernel_size[0]
+    kt = conv.kernel_size[0]
     frames = padded_frames - kt + 1
     nhwc = x.permute(0, 2, 3, 4, 1)  # [B, T', H, W, C], contiguous
     if kt > 1:
         nhwc = torch.cat([nhwc[:, k : k + frames] for k in range(kt)], dim=-1)  # [B, T, H, W, kt*C]
     inputs = nhwc.reshape(batch * frames, height, width, kt * channels).permute(0, 3, 1, 2)
-    (weight,) = _cached_weights(self, "stack2d")
-    return _frames_to_5d(F.conv2d(inputs, weight, self.bias, padding=_spatial_padding(self)), batch)
+    return _frames_to_5d(F.conv2d(inputs, weights[0], conv.bias, padding=_spatial_padding(conv)), batch)
 
 
-def _forward_conv3d(self: WanCausalConv3d, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
-    x = _temporal_pad(self, x, cache_x)
-    (weight,) = _cached_weights(self, "conv3d")
-    return F.conv3d(x, weight, self.bias, padding=(0, *_spatial_padding(self)))
+def _conv_conv3d(conv, weights, x: torch.Tensor, bias=True) -> torch.Tensor:
+    return F.conv3d(x, weights[0], conv.bias if bias else None, padding=(0, *_spatial_padding(conv)))
 
 
-_FORWARDS = {"taps2d": _forward_taps2d, "stack2d": _forward_stack2d, "conv3d": _forward_conv3d}
+def _layout_weights(weight: torch.Tensor, impl: str) -> tuple[torch.Tensor, ...]:
+    w = weight.detach()
+    if impl == "taps2d":
+        return tuple(w[:, :, k].contiguous(memory_format=torch.channels_last) for k in range(w.shape[2]))
+    if impl == "stack2d":  # input channel k * C + c  <->  W[:, c, k]
+        c_out, c_in, kt, kh, kw = w.shape
+        return (w.permute(0, 2, 1, 3, 4).reshape(c_out, kt * c_in, kh, kw).contiguous(memory_format=torch.channels_last),)
+    return (w.contiguous(memory_format=torch.channels_last_3d),)
 
 
-def _switchable(module: torch.nn.Module) -> bool:
+def _switchable(conv: torch.nn.Module) -> bool:
+    """Stride 1, dilation 1, groups 1, symmetric spatial padding: every convolution of a Wan2.1 decoder."""
     return (
-        isinstance(module, WanCausalConv3d)
-        and tuple(module.stride) == (1, 1, 1)
-        and tuple(module.dilation) == (1, 1, 1)
-        and module.groups == 1
-        and module._padding[1] == module._padding[0]
-        and module._padding[3] == module._padding[2]
+        isinstance(conv, WanCausalConv3d)
+        and tuple(conv.stride) == (1, 1, 1)
+        and tuple(conv.dilation) == (1, 1, 1)
+        and conv.groups == 1
+        and conv._padding[1] == conv._padding[0]
+        and conv._padding[3] == conv._padding[2]
     )
 
 
-def set_causal_conv_impl(vae: AutoencoderKLWan, impl: str = "conv3d") -> int:
-    r"""
-    Switch the causal 3-D convolutions of a Wan VAE's decoder (and ``post_quant_conv``) to ``impl``.
-
-    Args:
-        vae: a diffusers ``AutoencoderKLWan``.
-        impl: one of ``"diffusers"`` (restore the original forward), ``"conv3d"`` (the fastest on an H100),
-            ``"taps2d"``, ``"stack2d"`` (module docstring; ``BENCHMARKS.md`` has their H100 times).
-
-    Returns:
-        The number of convolutions switched.
-    """
-    if impl not in CAUSAL_CONV_IMPLS:
-        raise ValueError(f"Unknown causal convolution implementation {impl!r}; choose one of {CAUSAL_CONV_IMPLS}.")
-    if not isinstance(vae, AutoencoderKLWan):
-        raise TypeError(f"set_causal_conv_impl needs a diffusers AutoencoderKLWan, got {type(vae).__name__}.")
-    count = 0
-    for module in [vae.post_quant_conv, *vae.decoder.modules()]:
-        if not _switchable(module):
-            continue
-        module.__dict__.pop("forward", None)
-        module.__dict__.pop("_raven_fast_weights", None)
-        if impl != "diffusers":
-            module.forward = types.MethodType(_FORWARDS[impl], module)
-        count += 1
-    vae._raven_causal_conv_impl = impl
-    return count
-
-
-# ----------------------------------------------------------------------------------------- fused pointwise work
-
-
-# Row kernels: a channels_last_3d activation [1, C, T, H, W] is physically [T*H*W, C] rows, frames outermost, so
-# "normalise over channels" is a per-row reduction and "prepend cached frames" is a concatenation of rows. Each is
-# its own function (own compiled code, own recompile budget); rows are dynamic, the channel count static.
-
-
+# ------------------------------------------------------------------------------------ fused pointwise row kernels
+# A channels_last_3d activation [1, C, T, H, W] is physically [T*H*W, C] rows, frames outermost, so "normalise over
+# channels" is a per-row reduction and "prepend cached frames" is a concatenation of rows. Each kernel is its own
+# function (own compiled code, own recompile budget); rows are dynamic, the channel count static.
 def _rows_norm_silu(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``silu(F.normalize(rows + bias, dim=-1) * weight)`` in fp32, rounded once. ``rows``: ``[N, C]``; ``bias``: the
     previous convolution's, added here instead of by the convolution."""
@@ -220,119 +174,192 @@ def _unrows(rows: torch.Tensor, batch: int, height: int, width: int) -> torch.Te
     return rows.view(batch, -1, height, width, rows.shape[1]).permute(0, 4, 1, 2, 3)
 
 
-def _norm_weight(norm: WanRMS_norm) -> torch.Tensor:
-    """``sqrt(C) * gamma`` as fp32 ``[C]`` (cached until gamma changes)."""
-    key = (norm.gamma.data_ptr(), norm.gamma._version, norm.gamma.device)
-    cached = norm.__dict__.get("_raven_weight")
-    if cached is None or cached[0] != key:
-        if torch.is_tensor(norm.bias):  # (the Wan decoder's norms have none)
-            raise ValueError("fuse_decoder_pointwise supports WanRMS_norm without bias (the Wan VAE decoder's).")
-        weight = norm.gamma.detach().reshape(-1).float() * norm.scale
-        torch._dynamo.mark_static(weight, 0)
-        cached = norm.__dict__["_raven_weight"] = (key, weight)
-    return cached[1]
-
-
-def _norm_silu(norm: WanRMS_norm, x: torch.Tensor) -> torch.Tensor:
-    """``silu(norm(x))`` for a channel-first ``WanRMS_norm``: one read and one write of ``x`` when compiled."""
-    kernel = _row_kernel("_rows_norm_silu", norm.__dict__.get("_raven_compile", False), channels=x.shape[1])
-    y = kernel(_rows(x), _norm_weight(norm))
-    return _unrows(y, x.shape[0], x.shape[3], x.shape[4])
-
-
-def _padded_norm_silu(norm: WanRMS_norm, x: torch.Tensor, bias, feat_cache, feat_idx) -> torch.Tensor:
-    """The input of a residual block's causal convolution, built in one kernel: ``[cached frames (zeros when there
-    are none), silu(norm(x + bias))]`` with ``CACHE_T`` frames in front; updates the cache like diffusers does.
-
-    diffusers keeps the last ``CACHE_T`` frames of the convolution's input; those are the last frames of this padded
-    tensor (on a stream's first call a zero frame may lead, which is the zero padding diffusers adds later anyway).
-    """
-    batch, channels, _, height, width = x.shape
-    cached = None if feat_cache is None else feat_cache[feat_idx[0]]
-    missing = CACHE_T - (0 if cached is None else cached.shape[2])
-    front = cached if missing == 0 else x.new_zeros(batch, channels, missing, height, width).contiguous(
-        memory_format=torch.channels_last_3d)
-    if cached is not None and missing > 0:
-        front = torch.cat([front, cached.to(x.device)], dim=2)
-    if bias is not None:
-        torch._dynamo.mark_static(bias, 0)
-    kernel = _row_kernel("_rows_pad_norm_silu", norm.__dict__.get("_raven_compile", False), channels)
-    rows = kernel(_rows(front), _rows(x), _norm_weight(norm), bias)
-    padded = _unrows(rows, batch, height, width)
-    if feat_cache is not None:
-        feat_cache[feat_idx[0]] = padded[:, :, -CACHE_T:].clone()
-        feat_idx[0] += 1
-    return padded
-
-
-def _conv_without_bias(conv: WanCausalConv3d, padded: torch.Tensor) -> torch.Tensor:
-    (weight,) = _cached_weights(conv, "conv3d")
-    return F.conv3d(padded, weight, None, padding=(0, *_spatial_padding(conv)))
-
-
-def _fused_residual_forward(self: WanResidualBlock, x, feat_cache=None, feat_idx=[0]) -> torch.Tensor:  # noqa: B006
-    """diffusers' ``WanResidualBlock.forward`` in 5 memory passes: (pad + norm + SiLU), conv, (bias + pad + norm +
-    SiLU), conv, (bias + residual). Batch 1 (the streaming decoder's case); other batches use diffusers' forward."""
-    if x.shape[0] != 1 or (self.training and self.dropout.p > 0):
-        return WanResidualBlock.forward(self, x, feat_cache=feat_cache, feat_idx=feat_idx)
-    shortcut = self.conv_shortcut(x)
-    y = _conv_without_bias(self.conv1, _padded_norm_silu(self.norm1, x, None, feat_cache, feat_idx))
-    y = _conv_without_bias(self.conv2, _padded_norm_silu(self.norm2, y, self.conv1.bias, feat_cache, feat_idx))
-    compiled = self.norm1.__dict__.get("_raven_compile", False)
-    torch._dynamo.mark_static(self.conv2.bias, 0)
-    out = _row_kernel("_rows_residual", compiled, y.shape[1])(_rows(y), _rows(shortcut), self.conv2.bias)
-    return _unrows(out, 1, x.shape[3], x.shape[4])
-
-
-def _fused_head_norm_forward(self: WanRMS_norm, x: torch.Tensor) -> torch.Tensor:
-    return _norm_silu(self, x)  # the decoder's `nonlinearity` that follows is swapped for an Identity
-
-
-def _native_dtype_upsample_forward(self: WanUpsample, x: torch.Tensor) -> torch.Tensor:
-    return torch.nn.Upsample.forward(self, x)  # nearest: copies values, so no fp32 round trip is needed
-
-
-def fuse_decoder_pointwise(vae: AutoencoderKLWan, enable: bool = True, compile: bool = True) -> int:
+# ------------------------------------------------------------------------------------ the decoder
+class FastWanDecoder(torch.nn.Module):
     r"""
-    Fuse the Wan VAE decoder's "RMS norm -> SiLU" pairs into one kernel and upsample without an fp32 round trip.
+    The decoder of a diffusers ``AutoencoderKLWan`` (Wan2.1 layout) with fast causal convolutions and fused pointwise
+    work; same call as ``vae.decoder``: ``(x, feat_cache, feat_idx, first_chunk) -> frames``.
 
     Args:
-        vae: a diffusers ``AutoencoderKLWan`` whose decoder uses SiLU (every Wan2.1 VAE).
-        enable: ``False`` restores diffusers' forwards.
-        compile: run the fused norm + SiLU through ``torch.compile`` (one kernel, dynamic shapes: compiled once);
-            ``False`` runs the same math eagerly.
+        vae: the VAE whose decoder (parameters, device, dtype) is used; it is not modified.
+        conv_impl: ``"conv3d"`` (the fastest on an H100), ``"taps2d"``, ``"stack2d"`` or ``"diffusers"`` (module
+            docstring); convolutions that are not stride-1 / groups-1 stay diffusers'.
+        fuse: fused norm + SiLU (+ bias, + residual) row kernels and native-dtype upsampling.
+        compile: run the row kernels through ``torch.compile`` (one kernel each, dynamic rows; compiled once per
+            channel count); ``False`` runs the same math eagerly.
 
-    Returns:
-        The number of modules switched. Outputs equal diffusers' up to float rounding (one rounding to bf16 instead
-        of two; fp32: ~1e-6).
+    Inference only (no gradients are needed through it): per-layout convolution weights are cached and re-derived
+    when a weight tensor changes in place.
+
+    Example::
+
+        decoder = StreamingWanDecoder(pipe.vae, decoder=FastWanDecoder(pipe.vae))   # or pipe.enable_realtime()
     """
-    if not isinstance(vae, AutoencoderKLWan):
-        raise TypeError(f"fuse_decoder_pointwise needs a diffusers AutoencoderKLWan, got {type(vae).__name__}.")
-    decoder = vae.decoder
-    original = decoder.__dict__.pop("_raven_original_nonlinearity", None)  # a plain attribute, not a submodule
-    if original is not None:  # undo a previous call first
-        decoder.nonlinearity = original
-    modules = [m for m in decoder.modules() if isinstance(m, (WanResidualBlock, WanUpsample))] + [decoder.norm_out]
-    norms = [n for n in decoder.modules() if isinstance(n, WanRMS_norm)]
-    for module in modules:
-        module.__dict__.pop("forward", None)
-    for norm in norms:
-        norm.__dict__.pop("_raven_compile", None)
-        norm.__dict__.pop("_raven_weight", None)
-    if not enable:
-        return len(modules)
-    activations = [decoder.nonlinearity] + [m.nonlinearity for m in modules if isinstance(m, WanResidualBlock)]
-    if not all(isinstance(a, torch.nn.SiLU) for a in activations):
-        raise ValueError("fuse_decoder_pointwise fuses RMS norm + SiLU; this VAE's decoder uses another activation.")
-    for norm in norms:
-        norm.__dict__["_raven_compile"] = compile
-    for module in modules:
-        if isinstance(module, WanResidualBlock):
-            module.forward = types.MethodType(_fused_residual_forward, module)
-        elif isinstance(module, WanUpsample):
-            module.forward = types.MethodType(_native_dtype_upsample_forward, module)
-        else:
-            module.forward = types.MethodType(_fused_head_norm_forward, module)
-    decoder.__dict__["_raven_original_nonlinearity"] = decoder.nonlinearity
-    decoder.nonlinearity = torch.nn.Identity()
-    return len(modules)
+
+    def __init__(self, vae: AutoencoderKLWan, conv_impl: str = "conv3d", fuse: bool = True, compile: bool = True):
+        super().__init__()
+        if not isinstance(vae, AutoencoderKLWan):
+            raise TypeError(f"FastWanDecoder needs a diffusers AutoencoderKLWan, got {type(vae).__name__}.")
+        if conv_impl not in CAUSAL_CONV_IMPLS:
+            raise ValueError(f"Unknown causal convolution implementation {conv_impl!r}; choose one of "
+                             f"{CAUSAL_CONV_IMPLS}.")
+        decoder = vae.decoder
+        if not all(isinstance(block, WanUpBlock) for block in decoder.up_blocks):
+            raise ValueError("FastWanDecoder supports the Wan2.1 decoder layout (WanUpBlock); this VAE's decoder uses "
+                             "residual up-blocks (Wan2.2). Use vae.decoder.")
+        if fuse:
+            activations = [decoder.nonlinearity] + [m.nonlinearity for m in decoder.modules()
+                                                    if isinstance(m, WanResidualBlock)]
+            if not all(isinstance(a, torch.nn.SiLU) for a in activations):
+                raise ValueError("fuse=True fuses RMS norm + SiLU; this VAE's decoder uses another activation.")
+            if any(torch.is_tensor(n.bias) for n in decoder.modules() if isinstance(n, WanRMS_norm)):
+                raise ValueError("fuse=True supports WanRMS_norm without bias (the Wan VAE decoder's).")
+        self.decoder = decoder  # shared, not copied: the VAE's own parameters
+        self.conv_impl, self.fuse, self.compile = conv_impl, fuse, compile
+        self._weights: dict = {}  # conv -> (version key, weights in the impl's layout)
+        self._norm_weights: dict = {}  # norm -> (version key, sqrt(C) * gamma as fp32 [C])
+
+    @property
+    def num_fast_convs(self) -> int:
+        """Causal convolutions that run the fast implementation (0 for ``"diffusers"``)."""
+        return 0 if self.conv_impl == "diffusers" else sum(_switchable(m) for m in self.decoder.modules())
+
+    # ----------------------------------------------------------------------------------------- convolutions
+    def _conv_weights(self, conv: WanCausalConv3d, impl: str) -> tuple[torch.Tensor, ...]:
+        weight = conv.weight
+        key = (impl, weight.data_ptr(), weight._version, weight.dtype, weight.device)
+        cached = self._weights.get(conv)
+        if cached is None or cached[0] != key:
+            cached = self._weights[conv] = (key, _layout_weights(weight, impl))
+        return cached[1]
+
+    def causal_conv(self, conv: WanCausalConv3d, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
+        """``conv(x, cache_x)`` with this decoder's implementation."""
+        if self.conv_impl == "diffusers" or not _switchable(conv):
+            return conv(x, cache_x)
+        padded = _temporal_pad(conv, x, cache_x)
+        weights = self._conv_weights(conv, self.conv_impl)
+        if self.conv_impl == "taps2d":
+            return _conv_taps2d(conv, weights, padded)
+        if self.conv_impl == "stack2d":
+            return _conv_stack2d(conv, weights, padded)
+        return _conv_conv3d(conv, weights, padded)
+
+    def _cached_conv(self, conv, x, feat_cache, feat_idx) -> torch.Tensor:
+        """A causal convolution with diffusers' cache protocol: keep the last ``CACHE_T`` input frames (one frame
+        from the previous call when the input has one) in ``feat_cache[feat_idx]``, then advance ``feat_idx``."""
+        if feat_cache is None:
+            return self.causal_conv(conv, x)
+        idx = feat_idx[0]
+        cache_x = x[:, :, -CACHE_T:].clone()
+        if cache_x.shape[2] < 2 and feat_cache[idx] is not None:
+            cache_x = torch.cat([feat_cache[idx][:, :, -1:].to(cache_x.device), cache_x], dim=2)
+        out = self.causal_conv(conv, x, feat_cache[idx])
+        feat_cache[idx] = cache_x
+        feat_idx[0] += 1
+        return out
+
+    # ----------------------------------------------------------------------------------------- blocks
+    def _norm_weight(self, norm: WanRMS_norm) -> torch.Tensor:
+        key = (norm.gamma.data_ptr(), norm.gamma._version, norm.gamma.device)
+        cached = self._norm_weights.get(norm)
+        if cached is None or cached[0] != key:
+            weight = norm.gamma.detach().reshape(-1).float() * norm.scale
+            torch._dynamo.mark_static(weight, 0)
+            cached = self._norm_weights[norm] = (key, weight)
+        return cached[1]
+
+    def _norm_silu(self, norm: WanRMS_norm, x: torch.Tensor) -> torch.Tensor:
+        """``silu(norm(x))``: one read and one write of ``x`` when compiled."""
+        kernel = _row_kernel("_rows_norm_silu", self.compile, channels=x.shape[1])
+        return _unrows(kernel(_rows(x), self._norm_weight(norm)), x.shape[0], x.shape[3], x.shape[4])
+
+    def _padded_norm_silu(self, norm, x, bias, feat_cache, feat_idx) -> torch.Tensor:
+        """A residual convolution's input in one kernel: ``[cached frames (zeros when there are none),
+        silu(norm(x + bias))]`` with ``CACHE_T`` frames in front; updates the cache like diffusers does (its last
+        ``CACHE_T`` frames are the convolution input's; on a stream's first call a zero frame may lead, which is the
+        zero padding diffusers adds anyway)."""
+        batch, channels, _, height, width = x.shape
+        cached = None if feat_cache is None else feat_cache[feat_idx[0]]
+        missing = CACHE_T - (0 if cached is None else cached.shape[2])
+        front = cached if missing == 0 else x.new_zeros(batch, channels, missing, height, width).contiguous(
+            memory_format=torch.channels_last_3d)
+        if cached is not None and missing > 0:
+            front = torch.cat([front, cached.to(x.device)], dim=2)
+        if bias is not None:
+            torch._dynamo.mark_static(bias, 0)
+        kernel = _row_kernel("_rows_pad_norm_silu", self.compile, channels)
+        padded = _unrows(kernel(_rows(front), _rows(x), self._norm_weight(norm), bias), batch, height, width)
+        if feat_cache is not None:
+            feat_cache[feat_idx[0]] = padded[:, :, -CACHE_T:].clone()
+            feat_idx[0] += 1
+        return padded
+
+    def _residual(self, block: WanResidualBlock, x, feat_cache, feat_idx) -> torch.Tensor:
+        if not self.fuse or x.shape[0] != 1 or (block.training and block.dropout.p > 0):
+            # diffusers' order of operations with this decoder's convolutions (the fused path is written for the
+            # streaming decoder's batch of 1)
+            shortcut = block.conv_shortcut(x) if isinstance(block.conv_shortcut, torch.nn.Identity) else \
+                self.causal_conv(block.conv_shortcut, x)
+            x = self._cached_conv(block.conv1, block.nonlinearity(block.norm1(x)), feat_cache, feat_idx)
+            x = block.dropout(block.nonlinearity(block.norm2(x)))
+            return self._cached_conv(block.conv2, x, feat_cache, feat_idx) + shortcut
+        shortcut = block.conv_shortcut(x) if isinstance(block.conv_shortcut, torch.nn.Identity) else \
+            self.causal_conv(block.conv_shortcut, x)
+        padded = self._padded_norm_silu(block.norm1, x, None, feat_cache, feat_idx)
+        y = _conv_conv3d(block.conv1, self._conv_weights(block.conv1, "conv3d"), padded, bias=False)
+        padded = self._padded_norm_silu(block.norm2, y, block.conv1.bias, feat_cache, feat_idx)
+        y = _conv_conv3d(block.conv2, self._conv_weights(block.conv2, "conv3d"), padded, bias=False)
+        torch._dynamo.mark_static(block.conv2.bias, 0)
+        out = _row_kernel("_rows_residual", self.compile, y.shape[1])(_rows(y), _rows(shortcut), block.conv2.bias)
+        return _unrows(out, 1, x.shape[3], x.shape[4])
+
+    def _upsample(self, resample: WanResample, x, feat_cache, feat_idx) -> torch.Tensor:
+        """``WanResample`` in an up mode: for ``upsample3d`` a causal time convolution doubles the frames (on a
+        stream's first call the cache slot only records that it started, so the single first frame is not doubled),
+        then nearest 2x spatial upsampling and a 3x3 convolution per frame."""
+        b, c, t, h, w = x.shape
+        if resample.mode == "upsample3d" and feat_cache is not None:
+            idx = feat_idx[0]
+            if feat_cache[idx] is None:
+                feat_cache[idx] = "Rep"  # diffusers' marker: the stream has begun, no frames cached yet
+            else:
+                cache_x = x[:, :, -CACHE_T:].clone()
+                if cache_x.shape[2] < 2:
+                    previous = feat_cache[idx]
+                    front = torch.zeros_like(cache_x) if isinstance(previous, str) else \
+                        previous[:, :, -1:].to(cache_x.device)
+                    cache_x = torch.cat([front, cache_x], dim=2)
+                x = self.causal_conv(resample.time_conv, x, None if isinstance(feat_cache[idx], str)
+                                     else feat_cache[idx])
+                feat_cache[idx] = cache_x
+                x = x.reshape(b, 2, c, t, h, w)
+                x = torch.stack((x[:, 0], x[:, 1]), 3).reshape(b, c, t * 2, h, w)
+            feat_idx[0] += 1
+        elif resample.mode not in ("upsample2d", "upsample3d"):
+            raise ValueError(f"FastWanDecoder decodes; a {resample.mode!r} resample belongs to an encoder.")
+        t = x.shape[2]
+        frames = x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
+        upsample, conv = resample.resample
+        # nearest-neighbour upsampling copies values: in the activation dtype it is bit-identical to diffusers'
+        # fp32 round trip
+        frames = torch.nn.Upsample.forward(upsample, frames) if self.fuse else upsample(frames)
+        frames = conv(frames)
+        return frames.view(b, t, frames.size(1), frames.size(2), frames.size(3)).permute(0, 2, 1, 3, 4)
+
+    # ----------------------------------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor, feat_cache=None, feat_idx=None, first_chunk: bool = False) -> torch.Tensor:
+        """``WanDecoder3d.forward``: latents ``[B, z_dim, f, h, w]`` (after ``post_quant_conv``) -> frames."""
+        feat_idx = [0] if feat_idx is None else feat_idx
+        d = self.decoder
+        x = self._cached_conv(d.conv_in, x, feat_cache, feat_idx)
+        x = self._residual(d.mid_block.resnets[0], x, feat_cache, feat_idx)
+        for attention, resnet in zip(d.mid_block.attentions, d.mid_block.resnets[1:]):
+            x = self._residual(resnet, attention(x), feat_cache, feat_idx)
+        for up_block in d.up_blocks:
+            for resnet in up_block.resnets:
+                x = self._residual(resnet, x, feat_cache, feat_idx)
+            if up_block.upsamplers is not None:
+                x = self._upsample(up_block.upsamplers[0], x, feat_cache, feat_idx)
+        x = self._norm_silu(d.norm_out, x) if self.fuse else d.nonlinearity(d.norm_out(x))
+        return self._cached_conv(d.conv_out, x, feat_cache, feat_idx)

@@ -97,6 +97,8 @@ class StreamingWanDecoder:
 
     Args:
         vae ([`~diffusers.AutoencoderKLWan`]): the VAE; its weights are used as they are (device, dtype).
+        decoder (`torch.nn.Module`, *optional*): what decodes each latent frame in place of `vae.decoder`, with the
+            same call and cache protocol, e.g. a [`~raven_video.pipelines.vae_fast.FastWanDecoder`] of this VAE.
 
     Example:
 
@@ -108,7 +110,7 @@ class StreamingWanDecoder:
     ```
     """
 
-    def __init__(self, vae: AutoencoderKLWan):
+    def __init__(self, vae: AutoencoderKLWan, decoder: torch.nn.Module | None = None):
         if not isinstance(vae, AutoencoderKLWan):
             raise TypeError(
                 f"StreamingWanDecoder needs a diffusers AutoencoderKLWan, got {type(vae).__name__}. Pass `pipe.vae` "
@@ -116,6 +118,7 @@ class StreamingWanDecoder:
             )
         _check_vae_internals(vae)
         self.vae = vae
+        self.decoder = vae.decoder if decoder is None else decoder
         self._num_convs = sum(isinstance(m, WanCausalConv3d) for m in vae.decoder.modules())
         self.reset()
 
@@ -209,7 +212,7 @@ class StreamingWanDecoder:
             for i in range(frames):
                 conv_idx = [0]
                 frames_out.append(
-                    self.vae.decoder(
+                    self.decoder(
                         x_slice[:, :, i : i + 1],
                         feat_cache=feat_map,
                         feat_idx=conv_idx,

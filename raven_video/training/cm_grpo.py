@@ -20,6 +20,8 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.distributed as dist
 
+from ..sampling.flow import per_sample
+
 
 __all__ = [
     "prompt_group_id",
@@ -29,8 +31,6 @@ __all__ = [
     "consistency_kernel_mean",
     "consistency_kernel_loss",
     "kl_to_reference_loss",
-    "euler_maruyama_step_mean_std",
-    "euler_maruyama_kernel_loss",
 ]
 
 Scalar = Union[float, torch.Tensor]
@@ -151,14 +151,8 @@ def gather_group_advantages(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _per_sample(value: Scalar, ref: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """A float or ``[B]`` tensor as float64 broadcastable against ``ref`` ``[B, ...]``."""
-    value = torch.as_tensor(value, dtype=dtype, device=ref.device)
-    if value.dim() == 1 and ref.dim() > 1:
-        if value.shape[0] != ref.shape[0]:
-            raise ValueError(f"per-sample tensor has {value.shape[0]} entries but the batch is {ref.shape[0]}.")
-        value = value.view(-1, *([1] * (ref.dim() - 1)))
-    return value
+def _f64(value: Scalar, ref: torch.Tensor) -> torch.Tensor:
+    return per_sample(value, ref, torch.float64)
 
 
 def _check_sigma_next(sigma_next: torch.Tensor) -> None:
@@ -179,7 +173,7 @@ def gaussian_log_prob(z: torch.Tensor, mean: torch.Tensor, std: Scalar) -> torch
         float64 ``[B]`` (differentiable w.r.t. ``mean`` and ``std``).
     """
     z64, mean64 = z.double(), mean.double()
-    std64 = _per_sample(std, z64) if not (torch.is_tensor(std) and std.dim() > 1) else std.double()
+    std64 = _f64(std, z64) if not (torch.is_tensor(std) and std.dim() > 1) else std.double()
     if (std64 <= 0).any():
         raise ValueError("std must be > 0 for a Gaussian log-density (spec §10.9: never train sigma_next = 0).")
     log_density = -((z64 - mean64) ** 2) / (2 * std64**2) - torch.log(std64) - 0.5 * math.log(2 * math.pi)
@@ -189,7 +183,7 @@ def gaussian_log_prob(z: torch.Tensor, mean: torch.Tensor, std: Scalar) -> torch
 
 def consistency_kernel_mean(x0_pred: torch.Tensor, sigma_next: Scalar) -> torch.Tensor:
     """Mean ``mu = (1 - sigma_s) x0`` of the consistency kernel (spec §1.4); its std is ``sigma_s``."""
-    return (1 - _per_sample(sigma_next, x0_pred)) * x0_pred.double()
+    return (1 - _f64(sigma_next, x0_pred)) * x0_pred.double()
 
 
 def consistency_kernel_loss(
@@ -210,9 +204,9 @@ def consistency_kernel_loss(
     Returns:
         float64 ``[B, ...]``.
     """
-    sigma = _per_sample(sigma_next, x0_pred)
+    sigma = _f64(sigma_next, x0_pred)
     _check_sigma_next(sigma)
-    adv = _per_sample(advantage, x0_pred)
+    adv = _f64(advantage, x0_pred)
     x0 = x0_pred.double()
     x0_sg = x0.detach()
     mu = (1 - sigma) * x0_sg
@@ -231,106 +225,9 @@ def kl_to_reference_loss(x0_pred: torch.Tensor, x0_ref: torch.Tensor, sigma_next
         x0_pred: ``[B, ...]`` policy x0 (grad). x0_ref: reference-model x0 at the same input (no grad).
         sigma_next: ``[B]`` or float in (0, 1).
     """
-    sigma = _per_sample(sigma_next, x0_pred)
+    sigma = _f64(sigma_next, x0_pred)
     _check_sigma_next(sigma)
     x0 = x0_pred.double()
     x0_sg = x0.detach()
     delta = 0.5 * (1 - sigma) * ((1 - sigma) * (x0_sg - x0_ref.detach().double())) / sigma**2
     return (x0 - (x0_sg - delta)) ** 2
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Flow-GRPO baseline kernel (spec §6.5 ablations; peers.md §5.1)
-# ----------------------------------------------------------------------------------------------------------
-
-
-def euler_maruyama_step_mean_std(
-    z_t: torch.Tensor,
-    v_pred: torch.Tensor,
-    sigma_t: Scalar,
-    sigma_s: Scalar,
-    noise_level: float = 0.7,
-    sigma_max: Optional[float] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Flow-GRPO's Euler-Maruyama SDE step (``sde_step_with_logprob``, ``sde_type='sde'``) as a Gaussian kernel.
-
-    With ``dt = sigma_s - sigma_t < 0`` and ``g = noise_level * sqrt(sigma_t / (1 - sigma_t'))``::
-
-        mean = z_t (1 + g^2 / (2 sigma_t) dt) + v (1 + g^2 (1 - sigma_t) / (2 sigma_t)) dt
-        std  = g sqrt(-dt)
-
-    ``sigma_t'`` equals ``sigma_t`` except at ``sigma_t = 1`` where ``1 - sigma_t`` would vanish: Flow-GRPO
-    substitutes the scheduler's second sigma (``sigmas[1]``), which for a trailing schedule is the next
-    sigma of the first step; here ``sigma_max`` if given, else ``sigma_s``. RAVEN's ``EulerMaruyamaSampler``
-    (spec §6.5 ablations) is algebraically the same kernel on Flow-GRPO's ``noise_level`` scale,
-    ``mean = z_t + dt (v + a^2 / (2 (1 - sigma_t)) (z_t + (1 - sigma_t) v))``, but at ``sigma_t = 1`` it
-    substitutes its own ``sigma_max`` (default 1.0, then clamps ``1 - sigma`` to 1e-6); we follow Flow-GRPO.
-    ``noise_level = 0`` gives the deterministic Euler step ``z_t + v dt``. Computed in float64.
-
-    Args:
-        z_t, v_pred: ``[B, ...]``. sigma_t, sigma_s: float or ``[B]`` with ``0 <= sigma_s < sigma_t <= 1``.
-    Returns:
-        ``(mean [B, ...] float64, std [B] float64)``.
-    """
-    if noise_level < 0:
-        raise ValueError(f"noise_level must be >= 0, got {noise_level} (Flow-GRPO default 0.7).")
-    z = z_t.double()
-    st = _per_sample(sigma_t, z)
-    ss = _per_sample(sigma_s, z)
-    if (st <= 0).any() or (st > 1).any() or (ss < 0).any() or (ss >= st).any():
-        raise ValueError(
-            f"need 0 <= sigma_s < sigma_t <= 1, got sigma_t={torch.as_tensor(sigma_t).tolist()}, "
-            f"sigma_s={torch.as_tensor(sigma_s).tolist()}."
-        )
-    dt = ss - st
-    substitute = ss if sigma_max is None else torch.full_like(st, float(sigma_max))
-    st_reg = torch.where(st >= 1, substitute, st)
-    g = noise_level * torch.sqrt(st / (1 - st_reg))
-    mean = z * (1 + g**2 / (2 * st) * dt) + v_pred.double() * (1 + g**2 * (1 - st) / (2 * st)) * dt
-    std = (g * torch.sqrt(-dt)).expand(z.shape[0], *([1] * (z.dim() - 1))).reshape(z.shape[0])
-    return mean, std
-
-
-def euler_maruyama_kernel_loss(
-    x0_pred: torch.Tensor,
-    z_t: torch.Tensor,
-    z_next: torch.Tensor,
-    sigma_t: Scalar,
-    sigma_next: Scalar,
-    advantage: Scalar,
-    noise_level: float = 0.7,
-    sigma_max: Optional[float] = None,
-) -> torch.Tensor:
-    """Per-element regression for the Flow-GRPO EM kernel, same "gradient = -A grad log pi" construction.
-
-    The velocity is ``v = (z_t - x0) / sigma_t`` and ``mean`` / ``std`` come from
-    ``euler_maruyama_step_mean_std``; since ``d mean / d x0 = -c_v / sigma_t`` with
-    ``c_v = (1 + g^2 (1 - sigma_t) / (2 sigma_t)) dt``,
-    ``grad_x0 log pi = -(c_v / sigma_t)(z_s - mean) / std^2``. With
-    ``target = sg(x0) + 0.5 A grad_x0 log pi`` the loss ``(x0 - target)^2`` has gradient
-    ``-A grad_x0 log pi`` (hence ``-A grad_theta log pi`` through the network), like
-    ``consistency_kernel_loss``. Regressing in x0 space lets both kernels share one training path.
-
-    Args:
-        x0_pred: ``[B, ...]`` policy x0 (grad). z_t: the step input. z_next: the realised EM sample.
-        sigma_t, sigma_next, advantage: float or ``[B]``.
-    Returns:
-        float64 ``[B, ...]``.
-    """
-    x0_sg = x0_pred.detach().double()
-    z = z_t.detach().double()
-    st = _per_sample(sigma_t, z)
-    v = (z - x0_sg) / st
-    mean, std = euler_maruyama_step_mean_std(z, v, sigma_t, sigma_next, noise_level, sigma_max)
-    ss = _per_sample(sigma_next, z)
-    dt = ss - st
-    substitute = ss if sigma_max is None else torch.full_like(st, float(sigma_max))
-    st_reg = torch.where(st >= 1, substitute, st)
-    g2 = noise_level**2 * st / (1 - st_reg)
-    c_v = (1 + g2 * (1 - st) / (2 * st)) * dt
-    std = _per_sample(std, z)
-    if (std <= 0).any():
-        raise ValueError("the EM kernel std is 0 (noise_level = 0?): no log-likelihood to train; use noise_level > 0.")
-    grad_log_prob = -(c_v / st) * (z_next.detach().double() - mean) / std**2
-    target = x0_sg + 0.5 * _per_sample(advantage, z) * grad_log_prob
-    return (x0_pred.double() - target) ** 2

@@ -30,16 +30,11 @@ from diffusers.schedulers.scheduling_flow_match_lcm import FlowMatchLCMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
 from .chunk_weighting import chunk_weighted_loss, per_chunk_means
-from .cm_grpo import (
-    consistency_kernel_loss,
-    euler_maruyama_kernel_loss,
-    euler_maruyama_step_mean_std,
-    gather_group_advantages,
-    kl_to_reference_loss,
-    prompt_group_id,
-)
+from ..sampling.flow import DEFAULT_SHIFT, DEFAULT_TIMESTEPS, sigma_from_timestep
+from .cm_grpo import consistency_kernel_loss, gather_group_advantages, kl_to_reference_loss, prompt_group_id
+from .euler_maruyama import EulerMaruyamaScheduler, euler_maruyama_kernel_loss, euler_maruyama_kl_loss
 from .raven_step import optimizer_step
-from .rollout import GeneratorForward, Rollout, generator_prediction, self_rollout
+from .rollout import GeneratorForward, Rollout, generator_prediction, self_rollout, student_prediction
 from .timesteps import check_policy_steps, sample_policy_step_index
 
 
@@ -48,7 +43,6 @@ __all__ = [
     "POLICY_KERNELS",
     "CMGRPOConfig",
     "CMGRPOState",
-    "EulerMaruyamaScheduler",
     "lora_config",
     "lora_parameter_names",
     "group_rollouts",
@@ -98,7 +92,7 @@ def lora_parameter_names(model: torch.nn.Module) -> List[str]:
 class CMGRPOConfig:
     """Hyper-parameters of one step (defaults = Appendix A, CM-GRPO column; unguided rollouts per §10.1)."""
 
-    timesteps: tuple = (1000, 938, 833, 625)
+    timesteps: tuple = DEFAULT_TIMESTEPS
     group_size: int = 4  # rollouts of the prompt on this process (spec §6.2)
     groups_per_infer: int = 4  # rollouts per inference call
     policy_kernel: str = "consistency"
@@ -129,50 +123,11 @@ class CMGRPOConfig:
         check_policy_steps(len(self.timesteps), self.skip_timesteps)
 
 
-# ---------------------------------------------------------------------------------------------- EM sampler
-class EulerMaruyamaScheduler(FlowMatchLCMScheduler):
-    """Flow-GRPO's SDE step (``sde_step_with_logprob``) on the few-step list, for on-kernel baseline rollouts.
-
-    ``z_s = mean + std * eps`` with ``(mean, std)`` from :func:`~raven_video.training.cm_grpo.euler_maruyama_step_mean_std`
-    (the very function the policy loss evaluates), except the final step ``s = 0``, which is the deterministic
-    ``x0 = z_t - sigma_t v`` (the consistency sampler's last step): that transition is never trained
-    (``skip_timesteps >= 1``) and a noisy endpoint would be a noisy video. Same timesteps and shift as
-    ``FlowMatchLCMScheduler``, so it drops into :meth:`CausalWanPipeline.stream`.
-    """
-
-    def __init__(self, *args, noise_level: float = 0.7, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.noise_level = float(noise_level)
-
-    def transition(self, velocity, sample, sigma, sigma_next, noise) -> torch.Tensor:
-        """``z_s = mean + std * noise`` for standard-normal ``noise`` (``x0 = z - sigma v`` when ``sigma_next = 0``)."""
-        # the few-step sigmas are t / 1000 for integer t; round away float32 noise (a sigma of 1 - 6e-8 instead of 1
-        # would skip Flow-GRPO's sigma_t = 1 substitution and blow the noise up)
-        sigma, sigma_next = round(float(sigma), 6), round(float(sigma_next), 6)
-        sample = sample.to(torch.float32)
-        if sigma_next <= 0.0:
-            return sample - sigma * velocity.float()
-        mean, std = euler_maruyama_step_mean_std(sample, velocity, sigma, sigma_next, self.noise_level)
-        return (mean + std.view(-1, *([1] * (sample.dim() - 1))) * noise.double()).float()
-
-    def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True):
-        if self.step_index is None:
-            self._init_step_index(timestep)
-        noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=torch.float32)
-        prev_sample = self.transition(model_output, sample, self.sigmas[self.step_index],
-                                      self.sigmas[self.step_index + 1], noise)
-        self._step_index += 1
-        prev_sample = prev_sample.to(model_output.dtype)
-        if not return_dict:
-            return (prev_sample,)
-        return FlowMatchLCMSchedulerOutput(prev_sample=prev_sample)
-
-
 def rollout_scheduler(config: CMGRPOConfig):
     """The sampler of the policy: consistency (spec §1.4) or Euler-Maruyama (Flow-GRPO baseline)."""
     if config.policy_kernel == "euler_maruyama":
-        return EulerMaruyamaScheduler(shift=5.0, noise_level=config.noise_level)
-    return FlowMatchLCMScheduler(shift=5.0)
+        return EulerMaruyamaScheduler(shift=DEFAULT_SHIFT, noise_level=config.noise_level)
+    return FlowMatchLCMScheduler(shift=DEFAULT_SHIFT)
 
 
 # ---------------------------------------------------------------------------------------------- rollouts
@@ -221,31 +176,10 @@ def decode_videos(vae, latents: torch.Tensor, batch_size: int = 1) -> torch.Tens
 
 # ---------------------------------------------------------------------------------------------- policy loss
 def _sigmas(timesteps, k: torch.Tensor, device):
-    table = torch.tensor(list(timesteps) + [0], dtype=torch.float64, device=device) / 1000.0
+    """``(sigma_t, sigma_s)`` of the transitions ``t_k -> t_{k+1}`` (``t_K = 0``), float64 ``[b]``."""
+    table = sigma_from_timestep(torch.tensor([*timesteps, 0], device=device), dtype=torch.float64)
     k = k.to(device)
     return table[k], table[k + 1]
-
-
-def _em_velocity_coefficient(sigma_t: torch.Tensor, sigma_s: torch.Tensor, noise_level: float) -> torch.Tensor:
-    """``d mean / d v`` of the EM kernel (``c_v`` in ``euler_maruyama_kernel_loss``), with the same ``sigma_t = 1``
-    substitution as :func:`euler_maruyama_step_mean_std`."""
-    dt = sigma_s - sigma_t
-    st_reg = torch.where(sigma_t >= 1, sigma_s, sigma_t)
-    g2 = noise_level**2 * sigma_t / (1 - st_reg)
-    return (1 + g2 * (1 - sigma_t) / (2 * sigma_t)) * dt
-
-
-def _em_kl_loss(x0_pred, x0_ref, z_t, sigma_t, sigma_s, noise_level) -> torch.Tensor:
-    """KL(N(mean(x0), std^2) || N(mean(x0_ref), std^2)) of the EM kernel as a per-element regression (spec eq. 10).
-
-    ``mean - mean_ref = -(c_v / sigma_t)(x0 - x0_ref)``, so ``grad_x0 KL = (c_v / sigma_t)^2 (x0 - x0_ref) / std^2``;
-    ``target = sg(x0) - grad / 2`` makes ``(x0 - target)^2`` have exactly that gradient."""
-    shape = (-1,) + (1,) * (x0_pred.dim() - 1)
-    _, std = euler_maruyama_step_mean_std(z_t, z_t, sigma_t, sigma_s, noise_level)
-    coef = (_em_velocity_coefficient(sigma_t, sigma_s, noise_level) / sigma_t).view(shape)
-    x0 = x0_pred.double()
-    grad = coef**2 * (x0.detach() - x0_ref.detach().double()) / std.view(shape) ** 2
-    return (x0 - (x0.detach() - 0.5 * grad)) ** 2
 
 
 def policy_loss(
@@ -257,7 +191,6 @@ def policy_loss(
     config: CMGRPOConfig,
     frames_per_chunk,
     reference: Optional[Callable] = None,
-    unwrapped=None,
 ) -> tuple:
     """Transition-kernel regression of spec §6.5 for a slice of rollouts (B.3 step 3).
 
@@ -267,8 +200,7 @@ def policy_loss(
     reference consistency model (``reference(rollout, k, text) -> x0_ref``, under no_grad) is added, same weighting.
 
     Args:
-        policy: the (possibly DDP-wrapped) :class:`GeneratorForward`, or a bare transformer (then ``unwrapped``
-            may be omitted).
+        policy: the (possibly DDP-wrapped) :class:`GeneratorForward`.
         rollout: the slice's trajectory ``[K, b, C, F, H, W]`` and endpoints ``[b, C, F, H, W]``.
         step_index: ``[b]`` long, ``k`` per rollout (``k < K - skip_timesteps``).
         text: ``[b, L, D]``. advantages: ``[b]`` clipped group advantages.
@@ -277,10 +209,7 @@ def policy_loss(
     """
     device = rollout.endpoints.device
     batch = rollout.endpoints.shape[0]
-    if isinstance(policy, GeneratorForward) or isinstance(getattr(policy, "module", None), GeneratorForward):
-        x0_pred, _ = policy("raven", rollout.trajectory, rollout.endpoints, list(rollout.timesteps), step_index, text)
-    else:
-        x0_pred, _ = generator_prediction(policy, "raven", rollout, step_index, text, unwrapped=unwrapped)
+    x0_pred, _ = student_prediction(policy, "raven", rollout, step_index, text)
     rows = torch.arange(batch, device=device)
     k = step_index.to(device)
     z_t = rollout.trajectory[k, rows]
@@ -305,7 +234,7 @@ def policy_loss(
         if config.policy_kernel == "consistency":
             kl_element = kl_to_reference_loss(x0_pred, x0_ref, sigma_s)
         else:
-            kl_element = _em_kl_loss(x0_pred, x0_ref, z_t, sigma_t, sigma_s, config.noise_level)
+            kl_element = euler_maruyama_kl_loss(x0_pred, x0_ref, z_t, sigma_t, sigma_s, config.noise_level)
         loss_kl = chunk_weighted_loss(kl_element, frames_per_chunk, config.chunk_weighting,
                                       world_size=config.world_size)
         loss = loss + config.beta * loss_kl
@@ -332,10 +261,11 @@ def adapters_disabled_reference(transformer) -> Callable:
 # ---------------------------------------------------------------------------------------------- the step
 @dataclass
 class CMGRPOState:
-    """What one step touches. ``policy`` is the unwrapped LoRA transformer (rollouts, EMA, reference);
-    ``policy_train`` is what the loss calls: a (DDP-wrapped) :class:`GeneratorForward` or the bare transformer."""
+    """What one step touches. ``policy`` is the :class:`GeneratorForward` around the LoRA transformer (rollouts,
+    EMA, reference); ``policy_train`` is what the loss calls: the same module as Accelerate prepared it (DDP-wrapped,
+    or itself on one process)."""
 
-    policy: torch.nn.Module
+    policy: GeneratorForward
     policy_train: torch.nn.Module
     vae: torch.nn.Module
     composer: object  # RewardComposer
@@ -364,12 +294,13 @@ def cm_grpo_step(
     losses, ``grad_norm``, ``skipped``, and ``time_{rollout,decode,reward,policy}`` in seconds."""
     logs: dict = {}
     device = text.device
-    frames_per_chunk = state.policy.chunk_sizes(int(latent_shape[1]))
+    transformer = state.policy.transformer
+    frames_per_chunk = transformer.chunk_sizes(int(latent_shape[1]))
 
     # 1. group rollouts with the trajectory (no grad, eval mode), unguided by default (§10.1)
     tic = time.perf_counter()
     with state.autocast():
-        rollout = group_rollouts(state.policy, text, latent_shape, config, generator, negative_text)
+        rollout = group_rollouts(transformer, text, latent_shape, config, generator, negative_text)
     logs["time_rollout"] = time.perf_counter() - tic
 
     # 2. decode + rewards; rank-local aggregation over this prompt's rollouts (§6.3), then per-prompt advantages
@@ -408,7 +339,7 @@ def cm_grpo_step(
             with state.autocast():
                 loss, step_logs = policy_loss(
                     state.policy_train, piece, k[idx], text[:1].expand(len(idx), -1, -1), advantages[idx_d],
-                    config, frames_per_chunk, reference=state.reference, unwrapped=state.policy,
+                    config, frames_per_chunk, reference=state.reference,
                 )
             (state.backward or torch.Tensor.backward)(loss * (len(idx) / config.group_size))
         for key, value in step_logs.items():
@@ -416,7 +347,7 @@ def cm_grpo_step(
     params = [p for g in state.optimizer.param_groups for p in g["params"]]
     grad_norm, skipped = optimizer_step(params, state.optimizer, config.max_grad_norm, state.clip_fn)
     if state.ema is not None and not skipped:
-        state.ema.update(state.policy)
+        state.ema.update(transformer)
     logs.update(accumulated, grad_norm=grad_norm, skipped=float(skipped), time_policy=time.perf_counter() - tic,
                 step_index_mean=float(k.float().mean()))
     if not math.isfinite(logs["policy_loss"]):

@@ -12,39 +12,17 @@ from typing import Union
 import torch
 import torch.nn.functional as F
 
+from ..sampling.flow import per_sample, velocity_target
+
 
 __all__ = [
-    "x0_from_velocity",
-    "add_noise",
     "flow_matching_critic_loss",
-    "cfg_combine",
     "dmd_normalizer",
     "dmd_per_element_surrogate",
     "DMD_LOSS_TYPES",
 ]
 
 DMD_LOSS_TYPES = ("dmd", "sim", "sid")
-
-
-def _per_sample(value: Union[float, torch.Tensor], ref: torch.Tensor) -> torch.Tensor:
-    """Broadcast a float or a ``[B]`` tensor against ``ref`` ``[B, ...]`` (as ``[B, 1, ..., 1]``)."""
-    value = torch.as_tensor(value, device=ref.device)
-    if value.dim() == 1 and ref.dim() > 1:
-        if value.shape[0] != ref.shape[0]:
-            raise ValueError(f"per-sample tensor has {value.shape[0]} entries but the batch is {ref.shape[0]}.")
-        value = value.view(-1, *([1] * (ref.dim() - 1)))
-    return value
-
-
-def x0_from_velocity(x_t: torch.Tensor, v: torch.Tensor, sigma: Union[float, torch.Tensor]) -> torch.Tensor:
-    """``x0 = x_t - sigma v`` (spec §1.1); ``sigma`` is a float or ``[B]``."""
-    return x_t - _per_sample(sigma, x_t).to(x_t.dtype) * v
-
-
-def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma: Union[float, torch.Tensor]) -> torch.Tensor:
-    """``x_t = (1 - sigma) x0 + sigma eps`` (spec §1.1; also the consistency re-noise step of §1.4)."""
-    sigma = _per_sample(sigma, x0).to(x0.dtype)
-    return (1 - sigma) * x0 + sigma * noise
 
 
 def flow_matching_critic_loss(v_pred: torch.Tensor, noise: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
@@ -57,17 +35,8 @@ def flow_matching_critic_loss(v_pred: torch.Tensor, noise: torch.Tensor, x0: tor
         scalar in at least float32 (float64 inputs stay float64); no chunk weighting for the critic.
     """
     dtype = torch.promote_types(v_pred.dtype, torch.float32)
-    target = (noise.to(dtype) - x0.to(dtype)).detach()
+    target = velocity_target(noise.to(dtype), x0.to(dtype)).detach()
     return F.mse_loss(v_pred.to(dtype), target)
-
-
-def cfg_combine(v_pos: torch.Tensor, v_neg: torch.Tensor, scale: float) -> torch.Tensor:
-    """Classifier-free guidance in RAVEN's convention (spec §4.3 step 3, §10.12): ``neg + w (pos - neg)``.
-
-    ``scale = 1`` returns ``v_pos``. NB: Self-Forcing writes ``cond + w (cond - uncond)``, so its
-    ``real_guidance_scale = w`` is RAVEN's ``w + 1`` (Self-Forcing 3 == RAVEN 4). RAVEN's teacher uses 3.0.
-    """
-    return v_neg + scale * (v_pos - v_neg)
 
 
 def dmd_normalizer(x0_pred: torch.Tensor, real_x0: torch.Tensor, min_value: float = 1e-5) -> torch.Tensor:
@@ -121,8 +90,8 @@ def dmd_per_element_surrogate(
     r = real_x0.detach().double()
     if loss_type == "sim":
         norm = torch.sqrt(((r - f) ** 2).flatten(1).sum(dim=1) + sim_c**2)
-        return (r - f) * (f - x0) / _per_sample(norm, x0)
-    norm = _per_sample(dmd_normalizer(x0, r, min_norm), x0)
+        return (r - f) * (f - x0) / per_sample(norm, x0)
+    norm = per_sample(dmd_normalizer(x0, r, min_norm), x0)
     if loss_type == "dmd":
         return (r - f) * (f - x0) / norm
     return (r - f) * ((r - x0) - sid_alpha * (r - f)) / norm

@@ -24,8 +24,9 @@ from typing import Callable, Optional
 import torch
 
 from .chunk_weighting import chunk_weighted_loss, per_chunk_means
-from .dmd import add_noise, cfg_combine, dmd_normalizer, dmd_per_element_surrogate, flow_matching_critic_loss
-from .rollout import HISTORY_MODES, GeneratorForward, Rollout, generator_prediction, self_rollout
+from ..sampling.flow import DEFAULT_TIMESTEPS, add_noise, guidance_combine, sigma_from_timestep, x0_from_velocity
+from .dmd import dmd_normalizer, dmd_per_element_surrogate, flow_matching_critic_loss
+from .rollout import HISTORY_MODES, GeneratorForward, Rollout, student_prediction
 from .timesteps import sample_generator_step_index, sample_score_timesteps
 
 
@@ -47,7 +48,7 @@ __all__ = [
 class RavenConfig:
     """Hyper-parameters of one iteration (defaults = Appendix A, RAVEN column)."""
 
-    timesteps: tuple = (1000, 938, 833, 625)
+    timesteps: tuple = DEFAULT_TIMESTEPS
     guidance_scale: float = 3.0  # teacher CFG, neg + w(pos - neg)  (§4.3, §10.12)
     rollout_guidance_scale: float = 1.0  # student CFG in the rollout (§10.1; 3.0 reproduces ff6960c)
     ttur: int = 2  # generator update when (iteration + 1) % ttur == 0  (§4.4)
@@ -56,7 +57,6 @@ class RavenConfig:
     dmd_loss_type: str = "dmd"
     max_grad_norm: Optional[float] = 1000.0  # the reference default (§4.5, §10.14)
     world_size: int = 1
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.history not in HISTORY_MODES:
@@ -70,21 +70,12 @@ def is_generator_step(iteration: int, ttur: int) -> bool:
     return (iteration + 1) % ttur == 0
 
 
-def _sigma(t: torch.Tensor) -> torch.Tensor:
-    return t.to(torch.float32).view(-1, 1, 1, 1, 1) / 1000.0
-
-
 def _randn(shape, generator, device) -> torch.Tensor:
     return torch.randn(tuple(shape), generator=generator, dtype=torch.float32).to(device)
 
 
 def _dtype(model) -> torch.dtype:
     return next(model.parameters()).dtype
-
-
-def _is_generator_forward(module) -> bool:
-    """A :class:`GeneratorForward`, possibly DDP-wrapped (``.module``) or FSDP2-sharded (same class, in place)."""
-    return isinstance(module, GeneratorForward) or isinstance(getattr(module, "module", None), GeneratorForward)
 
 
 def critic_loss(critic, endpoints: torch.Tensor, text: torch.Tensor, generator, frames_per_chunk) -> tuple:
@@ -101,7 +92,7 @@ def critic_loss(critic, endpoints: torch.Tensor, text: torch.Tensor, generator, 
     batch = endpoints.shape[0]
     t_f = sample_score_timesteps(batch, generator=generator).to(endpoints.device)
     noise = _randn(endpoints.shape, generator, endpoints.device)
-    x_t = add_noise(endpoints, noise, _sigma(t_f).flatten())
+    x_t = add_noise(endpoints, noise, sigma_from_timestep(t_f))
     v = critic(x_t.to(_dtype(critic)), t_f.float(), text.to(_dtype(critic))).sample
     loss = flow_matching_critic_loss(v, noise, endpoints)
     per_element = (v.detach().float() - (noise - endpoints)) ** 2
@@ -114,21 +105,21 @@ def critic_loss(critic, endpoints: torch.Tensor, text: torch.Tensor, generator, 
 @torch.no_grad()
 def _x0_predictions(critic, teacher, z_s, s, text, negative_text, guidance_scale) -> tuple:
     """``f`` = critic x0 at ``(z_s, s)``; ``r`` = teacher x0 with CFG ``neg + w (pos - neg)`` (one merged batch)."""
-    sigma = _sigma(s)
+    sigma = sigma_from_timestep(s, z_s)
     v_fake = critic(z_s.to(_dtype(critic)), s.float(), text.to(_dtype(critic))).sample.float()
     t_dtype = _dtype(teacher)
     if guidance_scale != 1.0:
         batch_in = torch.cat([z_s, z_s]).to(t_dtype)
         v_neg, v_pos = teacher(batch_in, torch.cat([s, s]).float(),
                                torch.cat([negative_text, text]).to(t_dtype)).sample.float().chunk(2)
-        v_real = cfg_combine(v_pos, v_neg, guidance_scale)
+        v_real = guidance_combine(v_pos, v_neg, guidance_scale)
     else:
         v_real = teacher(z_s.to(t_dtype), s.float(), text.to(t_dtype)).sample.float()
-    return z_s - sigma * v_fake, z_s - sigma * v_real
+    return x0_from_velocity(z_s, v_fake, sigma), x0_from_velocity(z_s, v_real, sigma)
 
 
 def generator_loss(
-    student,
+    student_train,
     critic,
     teacher,
     rollout: Rollout,
@@ -138,7 +129,6 @@ def generator_loss(
     generator,
     frames_per_chunk,
     data_latents: Optional[torch.Tensor] = None,
-    unwrapped_student=None,
 ) -> tuple:
     """DMD generator loss of spec §4.3 (B.2 step 3) for ``config.history``.
 
@@ -153,16 +143,10 @@ def generator_loss(
     batch = rollout.endpoints.shape[0]
     device = rollout.endpoints.device
     k = sample_generator_step_index(batch, num_steps=len(rollout.timesteps), generator=generator)
-    if _is_generator_forward(student):
-        x0_pred, u = student(config.history, rollout.trajectory, rollout.endpoints, list(rollout.timesteps), k, text,
-                             generator=generator, data_latents=data_latents)
-    else:
-        x0_pred, u = generator_prediction(
-            student, config.history, rollout, k, text, generator=generator, data_latents=data_latents,
-            unwrapped=unwrapped_student,
-        )
+    x0_pred, u = student_prediction(student_train, config.history, rollout, k, text, generator=generator,
+                                    data_latents=data_latents)
     s = sample_score_timesteps(batch, generator=generator).to(device)
-    z_s = add_noise(x0_pred.detach(), _randn(x0_pred.shape, generator, device), _sigma(s).flatten())
+    z_s = add_noise(x0_pred.detach(), _randn(x0_pred.shape, generator, device), sigma_from_timestep(s))
     fake_x0, real_x0 = _x0_predictions(critic, teacher, z_s, s, text, negative_text, config.guidance_scale)
     per_element = dmd_per_element_surrogate(x0_pred, fake_x0, real_x0, loss_type=config.dmd_loss_type)
     loss = chunk_weighted_loss(per_element, frames_per_chunk, config.chunk_weighting, world_size=config.world_size)
@@ -201,11 +185,11 @@ def optimizer_step(parameters, optimizer, max_grad_norm: Optional[float], clip_f
 
 @dataclass
 class TrainState:
-    """What one iteration touches. ``student`` is the unwrapped causal transformer (rollout, EMA);
-    ``student_train`` is what the generator step calls: a (DDP/FSDP-wrapped) :class:`GeneratorForward` around it
-    (the training script) or the bare transformer (single-process use, tests); ``critic_train`` likewise."""
+    """What one iteration touches. ``student`` is the :class:`GeneratorForward` around the causal transformer
+    (rollout, EMA); ``student_train`` is what the generator step calls: the same module as Accelerate prepared it
+    (DDP-wrapped, FSDP2-sharded, or itself on one process); ``critic_train`` likewise for the critic."""
 
-    student: torch.nn.Module
+    student: GeneratorForward
     student_train: torch.nn.Module
     critic_train: torch.nn.Module
     teacher: torch.nn.Module
@@ -235,7 +219,7 @@ def raven_iteration(
     normaliser, ``time_rollout/critic/generator`` in seconds, ``skipped_*`` flags)."""
     logs: dict = {}
     device = text.device
-    frames_per_chunk = state.student.chunk_sizes(int(latent_shape[2]))
+    frames_per_chunk = state.student.transformer.chunk_sizes(int(latent_shape[2]))
 
     # 1. rollout (no grad), student CFG per --rollout_guidance_scale (§10.1)
     tic = time.perf_counter()
@@ -264,7 +248,7 @@ def raven_iteration(
         with state.autocast():
             loss_g, gen_logs = generator_loss(
                 state.student_train, state.critic_train, state.teacher, rollout, text, negative_text, config,
-                generator, frames_per_chunk, data_latents=data_latents, unwrapped_student=state.student,
+                generator, frames_per_chunk, data_latents=data_latents,
             )
         _backward(state, loss_g)
         grad_norm, skipped = optimizer_step(
@@ -272,7 +256,7 @@ def raven_iteration(
             config.max_grad_norm, state.clip_fn,
         )
         if state.ema is not None and not skipped:
-            state.ema.update(state.student)
+            state.ema.update(state.student.transformer)
         logs.update(gen_logs, grad_norm_generator=grad_norm, skipped_generator=float(skipped),
                     time_generator=time.perf_counter() - tic)
     return logs
@@ -282,10 +266,6 @@ def _rollout(state, text, negative_text, latent_shape, config, generator, noise)
     """The rollout draws its step noise from a generator forked off the iteration generator (reproducible)."""
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     step_generator = torch.Generator(device=noise.device).manual_seed(seed)
-    kwargs = dict(generator=step_generator, timesteps=config.timesteps, guidance_scale=config.rollout_guidance_scale,
-                  negative_text=negative_text, latents=noise)
-    wrapped = getattr(state.student_train, "module", state.student_train)  # DDP keeps the module in .module
-    if isinstance(wrapped, GeneratorForward):  # through the (possibly FSDP2) root module, see GeneratorForward.rollout
-        return state.student_train.rollout(text, latent_shape, **kwargs) if hasattr(state.student_train, "rollout") \
-            else wrapped.rollout(text, latent_shape, **kwargs)
-    return self_rollout(state.student, text, latent_shape, **kwargs)
+    return state.student.rollout(text, latent_shape, generator=step_generator, timesteps=config.timesteps,
+                                 guidance_scale=config.rollout_guidance_scale, negative_text=negative_text,
+                                 latents=noise)

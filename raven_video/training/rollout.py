@@ -1,38 +1,37 @@
-"""Self-rollout and the generator "history" layouts of RAVEN training (spec §3, §4.3, Appendix B.1-B.2).
+"""Self-rollout and the generator "history" layouts of RAVEN training (``docs/method.md`` §3, Alg. 1 l.1-10, l.19-21).
 
 Two pieces:
 
-* :func:`self_rollout` -- the no-grad, KV-cached, chunk-by-chunk 4-step consistency sampling of the current student
-  (Appendix B.1), recording the pre-step noisy input of every chunk at every step (``trajectory[k]``) and the clean
-  endpoints. It *drives* :meth:`CausalWanPipeline.stream` (``output_type="latent"``, ``return_trajectory=True``,
-  ``prompt_embeds=...``), so training rollouts are the inference sampler by construction (tested).
-* :func:`generator_prediction` -- the differentiable generator forward of one history mode (paper Table 2), giving the
-  student's ``x0`` prediction for the whole video, which the DMD loss (spec §4.3) then supervises.
+* :func:`self_rollout` -- the no-grad, KV-cached, chunk-by-chunk few-step sampling of the current student (Alg. 1
+  l.1-10), recording the pre-step noisy input of every chunk at every step (``trajectory[k]``) and the clean
+  endpoints. It runs :class:`~raven_video.sampling.sampler.ChunkSampler`, the sampler of ``CausalWanPipeline``, with a
+  recording observer, so training rollouts are the inference sampler by construction (tested).
+* :func:`generator_prediction` -- the differentiable generator forward of one history mode (Table 2), giving the
+  student's ``x0`` prediction for the whole video, which the DMD loss (Alg. 1 l.21-28) then supervises.
 
 History modes (``--history``):
 
-``raven`` (default; spec §3, B.2 step 3a). The training-time test: one differentiable forward over the interleaved
+``raven`` (default; Eq. 5, Alg. 1 l.19-20). The training-time test: one differentiable forward over the interleaved
 sequence ``[z_1^u, x_1, z_2^u, x_2, ..., z_N^u]`` where ``z_c^u = trajectory[k]_c`` (the rollout's own step-k input)
-and ``x_c`` is the rollout's own clean endpoint (t=0, shared RoPE positions, mask of §3.2). Everything is one graph, so
-later-chunk losses back-propagate through attention into the K/V of the clean copies at every layer ("downstream
-chunk losses supervise history", §3.5). The noisy-chunk predictions equal the rollout's (DESIGN invariant 2).
+and ``x_c`` is the rollout's own clean endpoint (t=0, shared RoPE positions, mask of Figure 1(d)). Everything is one
+graph, so later-chunk losses back-propagate through attention into the K/V of the clean copies at every layer
+(``h_t = H(x_<t)`` without a stop-gradient). The noisy-chunk predictions equal the rollout's (DESIGN invariant 2).
 
-``self_forcing`` (spec §3.5 "contrast"; the reference ablation ``CausalWan2_1_T2V_SF``). Chunk by chunk at the same
-``u`` on the same step-k inputs, but the history is a KV cache filled under ``no_grad`` from the *current* forward's
-detached ``x̂0`` of each previous chunk (a t=0 cache pass). A chunk's loss reaches only that chunk's own forward; no
-gradient reaches the history.
+``self_forcing`` (Table 2 "SF"; ``h_t = sg(H(x_<t))``). Chunk by chunk at the same ``u`` on the same step-k inputs,
+but the history is a KV cache filled under ``no_grad`` from the *current* forward's detached ``x̂0`` of each previous
+chunk (a t=0 cache pass). A chunk's loss reaches only that chunk's own forward; no gradient reaches the history.
 
-``teacher_forcing`` (paper Table 2, "TF"). The interleaved forward of ``raven`` with ``x_c`` = the *data* latents
-(ground truth history) and ``z_c^u`` = the data latents noised to ``u`` with fresh noise (``u = 1000`` is pure noise),
-i.e. the standard teacher-forcing input; needs ``--latent_dataset``.
+``teacher_forcing`` (Table 2 "TF"). The interleaved forward of ``raven`` with ``x_c`` = the *data* latents (ground
+truth history) and ``z_c^u`` = the data latents noised to ``u`` with fresh noise (``u = 1000`` is pure noise), i.e.
+the standard teacher-forcing input; needs ``--latent_dataset``.
 
-``diffusion_forcing`` (paper Table 2, "DF"). No clean copies: one block-causal forward over the data latents where
-every chunk is noised to its own independently drawn few-step time ``u_c`` (per-frame timesteps); each chunk's
+``diffusion_forcing`` (Table 2 "DF"). No clean copies: one block-causal forward over the data latents where every
+chunk is noised to its own independently drawn few-step time ``u_c`` (per-frame timesteps); each chunk's
 ``x̂0 = z_c - sigma_{u_c} v_c``. The history a chunk sees is the *noisy* data of earlier chunks; needs
 ``--latent_dataset``.
 
-``df_self_rollout``. As ``diffusion_forcing`` but the sequence is built from the self-rollout's endpoints instead of
-data latents (no real videos needed).
+``df_self_rollout`` (Table 2 "DF w/ Self Rollout"). As ``diffusion_forcing`` but the sequence is built from the
+self-rollout's endpoints instead of data latents (no real videos needed).
 """
 
 from __future__ import annotations
@@ -41,19 +40,22 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
+from diffusers import FlowMatchLCMScheduler
 
-from ..pipelines.pipeline_causal_wan import DEFAULT_DENOISING_TIMESTEPS
-
+from ..sampling.flow import DEFAULT_SHIFT, DEFAULT_TIMESTEPS, add_noise, scheduler_sigmas, sigma_from_timestep, \
+    x0_from_velocity
+from ..sampling.sampler import ChunkSampler, TransformerDenoiser, initial_noise
 
 HISTORY_MODES = ("raven", "self_forcing", "teacher_forcing", "diffusion_forcing", "df_self_rollout")
 DATA_HISTORY_MODES = ("teacher_forcing", "diffusion_forcing")
 
-__all__ = ["Rollout", "self_rollout", "generator_prediction", "GeneratorForward", "HISTORY_MODES", "DATA_HISTORY_MODES"]
+__all__ = ["Rollout", "self_rollout", "generator_prediction", "GeneratorForward", "student_prediction", "HISTORY_MODES",
+           "DATA_HISTORY_MODES"]
 
 
 @dataclass
 class Rollout:
-    """A no-grad self-rollout (Appendix B.2 step 1).
+    """A no-grad self-rollout (Alg. 1 l.1-10).
 
     Attributes:
         trajectory: ``[K, B, C, F, H, W]`` float32; ``trajectory[k]`` = the pre-step noisy input of every chunk at
@@ -67,29 +69,17 @@ class Rollout:
     timesteps: tuple
 
 
-def _sampling_pipeline(transformer, timesteps, scheduler=None):
-    """A component-less :class:`CausalWanPipeline` (no text encoder / VAE) around ``transformer``."""
-    from diffusers import FlowMatchLCMScheduler
+class _TrajectoryRecorder:
+    """The sampler's observer: keeps every chunk's input at every step, then assembles ``[K, B, C, F, H, W]``."""
 
-    from ..pipelines.pipeline_causal_wan import CausalWanPipeline
+    def __init__(self, num_steps: int):
+        self.steps: list[list[torch.Tensor]] = [[] for _ in range(num_steps)]
 
-    pipe = CausalWanPipeline(
-        tokenizer=None, text_encoder=None, vae=None, scheduler=scheduler or FlowMatchLCMScheduler(shift=5.0),
-        transformer=transformer, denoising_timesteps=list(timesteps),
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    def __call__(self, chunk_index: int, k: int, z: torch.Tensor) -> None:
+        self.steps[k].append(z.clone())
 
-
-def _sampler_step(scheduler):
-    """A non-consistency sampler (CM-GRPO's Euler-Maruyama baseline) as the pipeline's ``sampler_step`` hook."""
-    if not hasattr(scheduler, "transition"):
-        return None
-
-    def step(velocity, sample, k, noise):
-        return scheduler.transition(velocity, sample, scheduler.sigmas[k], scheduler.sigmas[k + 1], noise)
-
-    return step
+    def trajectory(self) -> torch.Tensor:
+        return torch.stack([torch.cat(chunks, dim=2) for chunks in self.steps]).float()
 
 
 @torch.no_grad()
@@ -98,71 +88,55 @@ def self_rollout(
     text_embeds: torch.Tensor,
     latent_shape: Sequence[int],
     generator: Optional[torch.Generator] = None,
-    timesteps: Sequence[int] = DEFAULT_DENOISING_TIMESTEPS,
+    timesteps: Sequence[int] = DEFAULT_TIMESTEPS,
     guidance_scale: float = 1.0,
     negative_text: Optional[torch.Tensor] = None,
     latents: Optional[torch.Tensor] = None,
     scheduler=None,
 ) -> Rollout:
-    """Streaming self-rollout of the student (spec Appendix B.1; B.2 step 1), under ``no_grad``.
+    """Streaming self-rollout of the student (Alg. 1 l.1-10), under ``no_grad``, exactly as the pipeline samples.
 
     Args:
         transformer: the causal student (unwrapped ``CausalWanTransformer3DModel``).
         text_embeds: ``[B, 512, text_dim]`` prompt embeddings.
         latent_shape: ``(B, C, F, H, W)`` of the latent video; ``F`` must fit the chunking.
-        generator: draws the initial noise and the fresh noise of every consistency step (as the pipeline does).
-        timesteps: the few-step list (spec §1.3).
-        guidance_scale: student CFG ``neg + w(pos - neg)``; 1 = unguided (default, spec §10.1); >1 reproduces the
-            reference's guided rollouts and needs ``negative_text``.
+        generator: draws the initial noise and the fresh noise of every step (as the pipeline does).
+        timesteps: the few-step list.
+        guidance_scale: student CFG ``neg + w(pos - neg)``; 1 = unguided (default, ``docs/method.md`` §5); >1
+            reproduces the reference code's guided rollouts and needs ``negative_text``.
         latents: optional initial noise ``[B, C, F, H, W]`` (else drawn from ``generator``).
-        scheduler: the sampler step (default ``FlowMatchLCMScheduler(shift=5)``, the consistency sampler of §1.4);
-            CM-GRPO's Euler-Maruyama baseline passes its SDE scheduler so rollouts sample the trained kernel.
+        scheduler: the sampler's kernel and sigmas: default ``FlowMatchLCMScheduler(shift=5)`` (the consistency step);
+            an :class:`~raven_video.training.euler_maruyama.EulerMaruyamaScheduler` samples CM-GRPO's baseline kernel.
     Returns:
         :class:`Rollout` with the trajectory ``[K, B, C, F, H, W]`` and the endpoints ``[B, C, F, H, W]``.
     """
-    batch, channels, frames, height, width = (int(s) for s in latent_shape)
-    if text_embeds.shape[0] != batch:
-        raise ValueError(f"text_embeds has batch {text_embeds.shape[0]} but latent_shape has batch {batch}.")
+    shape = tuple(int(s) for s in latent_shape)
+    if text_embeds.shape[0] != shape[0]:
+        raise ValueError(f"text_embeds has batch {text_embeds.shape[0]} but latent_shape has batch {shape[0]}.")
     if guidance_scale > 1.0 and negative_text is None:
         raise ValueError(f"rollout guidance_scale={guidance_scale} > 1 needs negative_text (the negative prompt).")
+    device = text_embeds.device
+    scheduler = scheduler or FlowMatchLCMScheduler(shift=DEFAULT_SHIFT)
+    kernel = getattr(scheduler, "transition", None)
+    sampler = ChunkSampler(TransformerDenoiser(transformer), timesteps, scheduler_sigmas(scheduler, timesteps, device),
+                           **({"kernel": kernel} if kernel is not None else {}))
+    latents = initial_noise(shape, generator, device) if latents is None else latents.to(device, torch.float32)
+    text = text_embeds if guidance_scale <= 1.0 else torch.cat([negative_text, text_embeds])
+    text = text.to(transformer.dtype)
+    cache = transformer.new_kv_cache(text.shape[0], shape[3], shape[4], max_frames=shape[2], device=device)
+    recorder = _TrajectoryRecorder(sampler.num_steps)
     was_training = transformer.training
     transformer.eval()
-    pipe = _sampling_pipeline(transformer, timesteps, scheduler)
     try:
-        chunks = list(
-            pipe.stream(
-                prompt_embeds=text_embeds,
-                negative_prompt_embeds=negative_text if guidance_scale > 1.0 else None,
-                num_frames=pipe.vae_scale_factor_temporal * (frames - 1) + 1,
-                height=height * pipe.vae_scale_factor_spatial,
-                width=width * pipe.vae_scale_factor_spatial,
-                guidance_scale=guidance_scale,
-                generator=generator,
-                latents=latents,
-                output_type="latent",
-                return_trajectory=True,
-                sampler_step=_sampler_step(scheduler),
-            )
-        )
+        chunks = [c.latents for c in sampler.sample(latents, text, cache, transformer.chunk_sizes(shape[2]),
+                                                     generator, guidance_scale, observer=recorder)]
     finally:
         transformer.train(was_training)
-    endpoints = torch.cat([c.latents for c in chunks], dim=2).float()
-    steps = len(chunks[0].trajectory)
-    trajectory = torch.stack([torch.cat([c.trajectory[k] for c in chunks], dim=2) for k in range(steps)]).float()
-    if endpoints.shape[1] != channels:
-        raise ValueError(f"rollout produced {endpoints.shape[1]} channels, latent_shape says {channels}.")
-    return Rollout(trajectory=trajectory, endpoints=endpoints, timesteps=tuple(int(t) for t in timesteps))
+    return Rollout(trajectory=recorder.trajectory(), endpoints=torch.cat(chunks, dim=2).float(),
+                   timesteps=tuple(int(t) for t in timesteps))
 
 
 # ---------------------------------------------------------------------------------------------- generator forward
-def _sigma(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """``t / 1000`` broadcast against ``ref`` ``[B, C, F, H, W]``: ``t`` is ``[B]`` or ``[B, F]``."""
-    sigma = t.to(torch.float32) / 1000.0
-    if sigma.ndim == 1:
-        return sigma.view(-1, 1, 1, 1, 1)
-    return sigma.view(sigma.shape[0], 1, sigma.shape[1], 1, 1)
-
-
 def _wide(x: torch.Tensor) -> torch.Tensor:
     """At least float32 (float64 stays float64, for the equivalence tests)."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
@@ -192,13 +166,12 @@ def generator_prediction(
     text: torch.Tensor,
     generator: Optional[torch.Generator] = None,
     data_latents: Optional[torch.Tensor] = None,
-    unwrapped=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Differentiable student prediction of one history mode (module docstring; spec §3, B.2 step 3a).
+    """Differentiable student prediction of one history mode (module docstring; Eq. 5, Alg. 1 l.19-20).
 
     Args:
-        transformer: the student as called for training (possibly DDP/FSDP-wrapped; ``forward_interleaved`` and
-            KV-cache calls go through ``unwrapped``).
+        transformer: the causal student (a ``CausalWanTransformer3DModel``; under DDP/FSDP it is called inside
+            :class:`GeneratorForward`, the wrapped module).
         history: one of :data:`HISTORY_MODES`.
         rollout: the no-grad self-rollout of this iteration.
         step_index: ``[B]`` long, the few-step index ``k`` per sample (``u = t_k``, shared by the chunks).
@@ -209,12 +182,11 @@ def generator_prediction(
         ``(x0_pred, timestep)``: ``x0_pred`` ``[B, C, F, H, W]`` float32 with grad; ``timestep`` ``[B]`` (u) or
         ``[B, F]`` (per-frame u of the diffusion-forcing modes), for logging.
     """
-    model = unwrapped if unwrapped is not None else transformer
     if history not in HISTORY_MODES:
         raise ValueError(f"history={history!r}; choose one of {HISTORY_MODES}.")
     if history in DATA_HISTORY_MODES and data_latents is None:
         raise ValueError(f"history={history!r} builds its history from real-video latents: pass --latent_dataset.")
-    dtype = _model_dtype(model)
+    dtype = _model_dtype(transformer)
     device = rollout.endpoints.device
     batch = rollout.endpoints.shape[0]
     table = torch.tensor(rollout.timesteps, dtype=torch.float32, device=device)
@@ -226,35 +198,38 @@ def generator_prediction(
             noisy, clean = noisy_k, rollout.endpoints
         else:
             clean = _wide(data_latents.to(device))
-            noisy = (1 - _sigma(u, clean)) * clean + _sigma(u, clean) * _noise_like(clean, generator)
-        v = model.forward_interleaved(noisy.to(dtype), clean.to(dtype), u.float(), text.to(dtype))
-        return noisy - _sigma(u, noisy) * _wide(v), u
+            noisy = add_noise(clean, _noise_like(clean, generator), sigma_from_timestep(u, clean))
+        v = transformer.forward_interleaved(noisy.to(dtype), clean.to(dtype), u.float(), text.to(dtype))
+        return x0_from_velocity(noisy, _wide(v), sigma_from_timestep(u, noisy)), u
 
     if history == "self_forcing":
-        return _self_forcing_prediction(model, noisy_k, u, text.to(dtype)), u
+        return _self_forcing_prediction(transformer, noisy_k, u, text.to(dtype)), u
 
     # diffusion forcing: block-causal forward with independent per-chunk times on noised latents
     source = rollout.endpoints if history == "df_self_rollout" else _wide(data_latents.to(device))
-    sizes = model.chunk_sizes(source.shape[2])
+    sizes = transformer.chunk_sizes(source.shape[2])
     frame_t = _per_chunk_timesteps(sizes, rollout.timesteps, batch, generator, device)  # [B, F]
-    sigma = _sigma(frame_t, source)
-    noisy = (1 - sigma) * source + sigma * _noise_like(source, generator)
+    sigma = sigma_from_timestep(frame_t, source)
+    noisy = add_noise(source, _noise_like(source, generator), sigma)
     v = transformer(noisy.to(dtype), frame_t.float(), text.to(dtype), causal=True).sample
-    return noisy - sigma * _wide(v), frame_t
+    return x0_from_velocity(noisy, _wide(v), sigma), frame_t
 
 
 def _self_forcing_prediction(model, noisy: torch.Tensor, u: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """Chunk-by-chunk prediction with a no-grad KV cache of the detached ``x̂0`` (spec §3.5 contrast)."""
+    """Chunk-by-chunk prediction with a no-grad KV cache of the detached ``x̂0``. The text K/V are not cached
+    (``cache_text=False``): each chunk recomputes them with gradient, and gradient-checkpoint recomputation takes the
+    same path as the forward."""
     batch, _, frames, height, width = noisy.shape
     dtype = text.dtype
-    cache = _text_free(model.new_kv_cache(batch, height, width, max_frames=frames, dtype=dtype, device=noisy.device))
+    cache = model.new_kv_cache(batch, height, width, max_frames=frames, dtype=dtype, device=noisy.device,
+                               cache_text=False)
     sizes = model.chunk_sizes(frames)
-    sigma = _sigma(u, noisy)
+    sigma = sigma_from_timestep(u, noisy)
     outputs, start = [], 0
     for index, n in enumerate(sizes):
         z = noisy[:, :, start : start + n]
         v = model(z.to(dtype), u.float(), text, kv_cache=cache, frame_offset=start).sample
-        x0 = z - sigma * _wide(v)
+        x0 = x0_from_velocity(z, _wide(v), sigma)
         outputs.append(x0)
         if index < len(sizes) - 1:
             with torch.no_grad():
@@ -264,32 +239,9 @@ def _self_forcing_prediction(model, noisy: torch.Tensor, u: torch.Tensor, text: 
     return torch.cat(outputs, dim=2)
 
 
-def _text_free(cache):
-    """Make a KV cache never hold the text K/V, so each chunk's forward recomputes them *with* gradient.
-
-    The streaming cache stores detached text K/V after its first call, which would (a) cut the text-projection
-    gradients of every later chunk and (b) make gradient-checkpoint recomputation (run after all chunks) take a
-    different path than the forward. The self-attention history K/V stay cached (and detached) as intended.
-    """
-    base = type(cache)
-
-    class TextFreeCache(base):
-        @property
-        def has_text(self) -> bool:
-            return False
-
-        def layer(self, index, plan):
-            layer = base.layer(self, index, plan)
-            layer.set_text = lambda key, value: None
-            return layer
-
-    cache.reset_text()
-    cache.__class__ = TextFreeCache
-    return cache
-
-
 class GeneratorForward(torch.nn.Module):
-    """The student's differentiable generator forward as a module ``forward`` (what Accelerate should ``prepare``).
+    """The student as the training steps use it: :meth:`forward` is the differentiable generator forward of every
+    history mode (what Accelerate ``prepare``s), :meth:`rollout` the no-grad self-rollout.
 
     DDP only synchronises gradients, and FSDP2 only unshards the root parameters, when the wrapped module is
     *called*; ``forward_interleaved`` and the chunk loop of ``self_forcing`` are not ``forward``. Wrapping the whole
@@ -304,12 +256,22 @@ class GeneratorForward(torch.nn.Module):
         self.transformer = transformer
 
     def forward(self, history, trajectory, endpoints, timesteps, step_index, text, generator=None, data_latents=None):
+        """:func:`generator_prediction` of a rollout given as tensors (what DDP / FSDP2 hooks see as inputs)."""
         rollout = Rollout(trajectory=trajectory, endpoints=endpoints, timesteps=tuple(timesteps))
         return generator_prediction(self.transformer, history, rollout, step_index, text, generator=generator,
                                     data_latents=data_latents)
+
 
     def rollout(self, *args, **kwargs) -> Rollout:
         """:func:`self_rollout` of the wrapped transformer. Under FSDP2 the script registers this method with
         ``torch.distributed.fsdp.register_fsdp_forward_method`` so the rollout runs through the root module's hooks
         (all-gather of the parameters outside the blocks; the blocks stay children of this root)."""
         return self_rollout(self.transformer, *args, **kwargs)
+
+
+def student_prediction(student_train, history: str, rollout: Rollout, step_index: torch.Tensor, text: torch.Tensor,
+                       generator: Optional[torch.Generator] = None, data_latents: Optional[torch.Tensor] = None):
+    """Call a :class:`GeneratorForward`, possibly DDP/FSDP-wrapped, on a rollout: :func:`generator_prediction` through
+    the wrapper's hooks (gradient sync, parameter all-gather)."""
+    return student_train(history, rollout.trajectory, rollout.endpoints, list(rollout.timesteps), step_index, text,
+                         generator=generator, data_latents=data_latents)

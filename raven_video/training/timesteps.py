@@ -16,60 +16,17 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence, Union
 
-import numpy as np
 import torch
+
+from ..sampling.flow import shift_sigma
 
 
 __all__ = [
-    "shift_sigma",
-    "consistency_timesteps",
-    "next_timesteps",
     "sample_score_timesteps",
     "sample_generator_step_index",
     "sample_policy_step_index",
     "check_policy_steps",
 ]
-
-
-def shift_sigma(tau, shift: float = 5.0):
-    """Timestep shift of spec §1.2: ``g(tau) = shift * tau / (1 + (shift - 1) * tau)``.
-
-    Works elementwise on a Python float, a numpy array or a torch tensor; ``g(0) = 0``, ``g(1) = 1``.
-    ``shift > 1`` pushes times towards the noisy end (RAVEN uses 5.0 for every sampler).
-    """
-    if shift <= 0:
-        raise ValueError(f"shift must be > 0, got {shift!r}; RAVEN uses shift=5.0 (spec §1.2).")
-    return shift * tau / (1 + (shift - 1) * tau)
-
-
-def consistency_timesteps(num_steps: int = 4, shift: float = 5.0, num_train_timesteps: int = 1000) -> List[int]:
-    """The few-step sampling list of spec §1.3 (``TrailingSamplingTimesteps``).
-
-    ``tau = arange(1, 0, -1/num_steps)`` -> ``shift_sigma`` -> ``* num_train_timesteps`` -> numpy rounding
-    (round half to even). Defaults give ``[1000, 938, 833, 625]`` (937.5 rounds to 938).
-
-    Returns:
-        list of ``num_steps`` decreasing ints, the input times of the sampling steps.
-    """
-    if int(num_steps) != num_steps or num_steps < 1:
-        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r} (RAVEN uses 4, spec §1.3).")
-    num_steps = int(num_steps)
-    tau = np.arange(1.0, 0.0, -1.0 / num_steps, dtype=np.float64)[:num_steps]
-    shifted = shift_sigma(tau, shift) * num_train_timesteps
-    return [int(t) for t in np.round(shifted).astype(np.int64)]
-
-
-def next_timesteps(timesteps: Sequence[int]) -> List[int]:
-    """Next time of every step of a sampling list (spec §1.3): ``[t_1, ..., t_{K-1}, 0]``.
-
-    ``next_timesteps([1000, 938, 833, 625]) == [938, 833, 625, 0]``; the last step lands on the clean sample.
-    """
-    timesteps = [int(t) for t in timesteps]
-    if not timesteps:
-        raise ValueError("timesteps is empty; pass the sampling list, e.g. consistency_timesteps().")
-    if any(a <= b for a, b in zip(timesteps, timesteps[1:])) or timesteps[-1] <= 0:
-        raise ValueError(f"timesteps must be strictly decreasing and > 0, got {timesteps}.")
-    return timesteps[1:] + [0]
 
 
 def sample_score_timesteps(
