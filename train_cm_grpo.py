@@ -1,14 +1,15 @@
 #!/usr/bin/env python
-"""CM-GRPO: reinforcement fine-tuning of a causal few-step Wan student with LoRA (spec §6, Appendix B.3).
+"""CM-GRPO: reinforcement fine-tuning of a causal few-step Wan student with LoRA (``docs/method.md`` §4, Alg. 2).
 
-    accelerate launch --config_file configs/accelerate_multi_gpu.yaml train_cm_grpo.py \
+    accelerate launch --multi_gpu --num_processes 8 train_cm_grpo.py \
         --pretrained_model_name_or_path <RAVEN CausalWanPipeline folder> --prompts prompts.txt \
         --reward_weights dynamic_degree=0.35,text_alignment=2,aesthetic=1,imaging=1,motion_smoothness=0.75 \
         --vbench_cache_dir /data/vbench_cache --reward_checkpoints rewards.json --sync_group_size 8 --output_dir cmgrpo-out
 
 The algorithm lives in ``raven_video.training.cm_grpo_step`` (rollouts, rewards, advantages, kernel regression); this
 script is wiring: arguments, models, LoRA, Accelerate, checkpoints, logging, validation and the three export flavours
-(LoRA adapter, base + LoRA bundle, merged pipeline). Shared helpers come from ``train_raven.py``. See ``docs/cm_grpo.md``.
+(LoRA adapter, base + LoRA bundle, merged pipeline). Shared wiring comes from ``raven_video.cli.training``. See
+``docs/cm_grpo.md``.
 """
 
 from __future__ import annotations
@@ -21,28 +22,59 @@ import os
 import time
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+from diffusers.training_utils import _collate_lora_metadata
+from diffusers.utils import convert_unet_state_dict_to_peft
+from peft import set_peft_model_state_dict
+from peft.utils import get_peft_model_state_dict
 from tqdm.auto import tqdm
 
-from raven_video.models.transformer_causal_wan import cast_weights
-from raven_video.training.script_utils import (
+from raven_video.cli.training import (
     UsageError,
     add_optimizer_arguments,
     add_run_arguments,
     argument_parser,
-    check_video_args,
     check_distributed,
+    check_run_args,
+    create_hub_repo,
+    hub_base_model,
     init_trackers,
     latent_shape,
     load_transformer_config,
+    load_vae_config,
     log_validation,
     make_optimizer,
+    pipeline_with,
     prompt_encoder,
+    push_folder,
     register_and_resume,
     resolve_resume,
     run_cli,
     save_checkpoint,
+    tiny_configs,
     usage_errors,
+    write_model_card,
 )
+from raven_video.data.prompts import PromptStream, load_prompts
+from raven_video.models.transformer_causal_wan import cast_weights
+from raven_video.pipelines.pipeline_causal_wan import CausalWanPipeline
+from raven_video.rewards.composer import AGGREGATIONS, RewardComposer, checkpoints_from_vbench_cache, \
+    parse_reward_weights
+from raven_video.testing import tiny_pipeline
+from raven_video.training.chunk_weighting import parse_chunk_weighting
+from raven_video.training.cm_grpo_step import (
+    DEFAULT_LORA_TARGET_MODULES,
+    POLICY_KERNELS,
+    CMGRPOConfig,
+    CMGRPOState,
+    adapters_disabled_reference,
+    cm_grpo_step,
+    lora_config,
+    lora_parameter_names,
+)
+from raven_video.training.ema import EMA
+from raven_video.training.rollout import GeneratorForward
 
 logger = logging.getLogger("train_cm_grpo")
 
@@ -53,10 +85,7 @@ MERGED_DIR = "merged"
 
 # ----------------------------------------------------------------------------------------------------- arguments
 def parse_args(input_args=None):
-    from raven_video.rewards.composer import AGGREGATIONS
-    from raven_video.training.cm_grpo_step import DEFAULT_LORA_TARGET_MODULES, POLICY_KERNELS
-
-    p = argument_parser("CM-GRPO with LoRA on a causal Wan student (spec §6, App. B.3).")
+    p = argument_parser("CM-GRPO with LoRA on a causal Wan student (docs/method.md §4, Alg. 2).")
     # models
     p.add_argument("--pretrained_model_name_or_path", type=str, default=None,
                    help="CausalWanPipeline folder or Hub id: the policy init (RAVEN EMA) + text encoder, VAE, tokenizer.")
@@ -118,13 +147,10 @@ def parse_args(input_args=None):
     p.add_argument("--max_train_steps", type=int, default=160)
     p.add_argument("--seed", type=int, default=20001019)
     # checkpoints, logging, validation, export
-    add_run_arguments(p, output_dir="cm-grpo-output", checkpointing_steps=80)
+    add_run_arguments(p, output_dir="cm-grpo-output", checkpointing_steps=80)  # --push_to_hub: the adapter to
+    # --hub_model_id, the bundle to <id>-bundle, the merged model to <id>-merged
     p.add_argument("--no_merged_export", action="store_true", help="Skip the merged pipeline folder.")
     p.add_argument("--no_bundle_export", action="store_true", help="Skip the base + LoRA bundle folder.")
-    p.add_argument("--push_to_hub", action="store_true",
-                   help="Push the adapter to --hub_model_id, the bundle to <id>-bundle, the merged model to <id>-merged.")
-    p.add_argument("--hub_model_id", type=str, default=None)
-    p.add_argument("--hub_token", type=str, default=None)
     args = p.parse_args(input_args)
     args.local_rank = int(os.environ.get("LOCAL_RANK", -1))
     return args
@@ -133,10 +159,6 @@ def parse_args(input_args=None):
 # ----------------------------------------------------------------------------------------------------- validation
 def validate_args(args, world_size: int = 1) -> None:
     """Cheap checks of the flags alone, before any file or model is touched. Errors name the value and the fix."""
-    from raven_video.rewards.composer import parse_reward_weights
-    from raven_video.training.chunk_weighting import parse_chunk_weighting
-    from raven_video.training.cm_grpo_step import CMGRPOConfig
-
     if not args.tiny_random_models and not args.pretrained_model_name_or_path:
         raise ValueError("--pretrained_model_name_or_path is required (the RAVEN CausalWanPipeline folder), "
                          "or pass --tiny_random_models for a smoke run.")
@@ -153,7 +175,7 @@ def validate_args(args, world_size: int = 1) -> None:
     if args.reward_aggregation == "normalize_then_sum" and args.group_size < 2:
         raise ValueError(
             f"--reward_aggregation normalize_then_sum z-scores each reward over the --group_size {args.group_size} "
-            "rollouts of this process (spec §6.3, §10.8): with 1 every reward is 0. Use --group_size >= 2 or "
+            "rollouts of this process (Alg. 2 l.17): with 1 every reward is 0. Use --group_size >= 2 or "
             "--reward_aggregation weighted_sum."
         )
     if world_size % args.sync_group_size:
@@ -164,10 +186,9 @@ def validate_args(args, world_size: int = 1) -> None:
     CMGRPOConfig(group_size=args.group_size, groups_per_infer=args.groups_per_infer, policy_kernel=args.policy_kernel,
                  noise_level=args.noise_level, skip_timesteps=args.skip_timesteps, beta=args.beta,
                  slices_per_step=args.slices_per_step)
-    check_video_args(args)
-    for name in ("max_train_steps", "checkpointing_steps", "rank"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} {getattr(args, name)} must be >= 1.")
+    check_run_args(args)
+    if args.rank < 1:
+        raise ValueError(f"--rank {args.rank} must be >= 1 (CM-GRPO: 256).")
     if not args.learning_rate > 0:
         raise ValueError(f"--learning_rate {args.learning_rate} must be > 0 (CM-GRPO: 5e-6).")
     if not args.adv_clip_max > 0:
@@ -180,20 +201,11 @@ def validate_args(args, world_size: int = 1) -> None:
         raise ValueError("--lora_target_modules is empty; give Linear names, e.g. attn1.to_q,attn1.to_k.")
     if args.reward_checkpoints and not os.path.isfile(args.reward_checkpoints):
         raise FileNotFoundError(f"--reward_checkpoints {args.reward_checkpoints!r} is not a file (expected JSON).")
-    if args.report_to == "wandb" and args.hub_token is not None:
-        raise ValueError("--report_to wandb together with --hub_token would expose the token in the run config; "
-                         "log in with `huggingface-cli login` instead of passing --hub_token.")
-    if args.push_to_hub and not args.hub_model_id:
-        raise ValueError("--push_to_hub needs --hub_model_id (e.g. user/raven-cmgrpo-lora).")
-    if args.validation_steps is not None and args.validation_steps < 1:
-        raise ValueError(f"--validation_steps {args.validation_steps} must be >= 1.")
 
 
 def reward_checkpoints(args) -> dict:
     ckpts = {}
     if args.vbench_cache_dir:
-        from raven_video.rewards.composer import checkpoints_from_vbench_cache
-
         ckpts.update(checkpoints_from_vbench_cache(args.vbench_cache_dir))
     if args.reward_checkpoints:
         with open(args.reward_checkpoints) as fh:
@@ -201,39 +213,28 @@ def reward_checkpoints(args) -> dict:
     return ckpts
 
 
-def video_latent_shape(args, transformer_cfg: dict) -> tuple:
-    """``(C, F, H, W)`` of one video; validates the chunking (spec §1.5)."""
-    args_b = copy.copy(args)
-    args_b.train_batch_size = 1
-    return latent_shape(args_b, transformer_cfg)[1:]
+def video_latent_shape(args) -> tuple:
+    """``(C, F, H, W)`` of one video, from the model configs (read without weights); validates the chunking."""
+    if args.tiny_random_models:
+        transformer_cfg, vae_cfg = tiny_configs()
+    else:
+        path = args.pretrained_model_name_or_path
+        if not os.path.isdir(path) and path.startswith((".", "/", "~")):
+            raise FileNotFoundError(f"--pretrained_model_name_or_path {path!r} does not exist.")
+        transformer_cfg, vae_cfg = load_transformer_config(path, args.revision), load_vae_config(path, args.revision)
+    return latent_shape(args, transformer_cfg, vae_cfg, batch_size=1)[1:]
 
 
 # ----------------------------------------------------------------------------------------------------- models
 def load_pipeline(args):
-    from raven_video.pipelines.pipeline_causal_wan import CausalWanPipeline
-
     if args.tiny_random_models:
-        from raven_video.testing import tiny_pipeline
-
         return tiny_pipeline(seed=0)
     return CausalWanPipeline.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision)
 
 
-def transformer_config(args) -> dict:
-    if args.tiny_random_models:
-        from raven_video.testing import tiny_wan_transformer_config
-
-        return dict(tiny_wan_transformer_config(num_frames_per_block=3), num_frames_first_block=None)
-    path = args.pretrained_model_name_or_path
-    if not os.path.isdir(path) and path.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"--pretrained_model_name_or_path {path!r} does not exist.")
-    return load_transformer_config(path, args.revision)
-
-
 def add_lora(transformer, args) -> list:
-    """Freeze the base, inject the LoRA adapter (spec §6.1); returns the trainable LoRA parameters (fp32)."""
-    from raven_video.training.cm_grpo_step import lora_config
-
+    """Freeze the base, inject the LoRA adapter (``docs/method.md`` §4.1); returns the trainable LoRA parameters
+    (fp32)."""
     targets = [m.strip() for m in args.lora_target_modules.split(",") if m.strip()]
     linear_names = [n for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)]
     unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in linear_names)]
@@ -250,27 +251,18 @@ def add_lora(transformer, args) -> list:
 
 
 def lora_state_dict(transformer) -> dict:
-    from peft.utils import get_peft_model_state_dict
-
     return {k: v.detach().to("cpu", torch.float32).contiguous()
             for k, v in get_peft_model_state_dict(transformer).items()}
 
 
 def save_lora(pipeline_cls, transformer, folder: str, state_dict=None) -> None:
     """``pytorch_lora_weights.safetensors`` in diffusers format (keys ``transformer.<...>.lora_A.weight``, metadata)."""
-    from diffusers.training_utils import _collate_lora_metadata
-
     pipeline_cls.save_lora_weights(folder, transformer_lora_layers=state_dict or lora_state_dict(transformer),
                                    weight_name=LORA_WEIGHT_NAME,
                                    **_collate_lora_metadata({"transformer": transformer}))
 
 
 def load_lora_into(transformer, folder: str) -> None:
-    from diffusers.utils import convert_unet_state_dict_to_peft
-    from peft import set_peft_model_state_dict
-
-    from raven_video.pipelines.pipeline_causal_wan import CausalWanPipeline
-
     state = CausalWanPipeline.lora_state_dict(folder, weight_name=LORA_WEIGHT_NAME)
     state = state[0] if isinstance(state, tuple) else state
     state = {k.removeprefix("transformer."): v for k, v in state.items() if k.startswith("transformer.")}
@@ -282,14 +274,8 @@ def load_lora_into(transformer, folder: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------- export
-def _component_pipeline(pipe, transformer):
-    return type(pipe)(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder.to("cpu"), vae=pipe.vae.to("cpu"),
-                      scheduler=pipe.scheduler, transformer=transformer,
-                      denoising_timesteps=pipe.config.denoising_timesteps, fps=pipe.config.fps)
-
-
 def export_all(args, pipe, base_transformer, lora_sd: dict, output_dir: str) -> dict:
-    """The three flavours (spec §10.16 / README of the reference at 904ef8e). Returns ``{flavour: folder}``.
+    """The three export flavours the reference code's README describes. Returns ``{flavour: folder}``.
 
     * ``output_dir/pytorch_lora_weights.safetensors`` -- the adapter alone: ``pipe.load_lora_weights(output_dir)``;
     * ``output_dir/base_plus_lora/`` -- the base ``CausalWanPipeline`` + the adapter file next to it;
@@ -302,7 +288,7 @@ def export_all(args, pipe, base_transformer, lora_sd: dict, output_dir: str) -> 
         bundle = os.path.join(output_dir, BUNDLE_DIR)
         base = copy.deepcopy(base_transformer).to("cpu", torch.float32)
         base.unload_lora()
-        _component_pipeline(pipe, base).save_pretrained(bundle)
+        pipeline_with(pipe, base).save_pretrained(bundle)
         save_lora(cls, base_transformer, bundle, lora_sd)
         folders["bundle"] = bundle
     if not args.no_merged_export:
@@ -310,21 +296,18 @@ def export_all(args, pipe, base_transformer, lora_sd: dict, output_dir: str) -> 
         merged = copy.deepcopy(base_transformer).to("cpu", torch.float32)  # holds the exported LoRA weights
         merged.fuse_lora(lora_scale=1.0)
         merged.unload_lora()
-        _component_pipeline(pipe, merged).save_pretrained(merged_dir)
+        pipeline_with(pipe, merged).save_pretrained(merged_dir)
         folders["merged"] = merged_dir
     return folders
 
 
-def save_model_card(args, folder: str, flavour: str, repo_id: str | None, steps: int) -> None:
-    from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
-
+def model_card_text(args, flavour: str, steps: int) -> str:
     base = args.pretrained_model_name_or_path
-    base_model = base if base and not os.path.exists(base) else None  # only Hub ids in `base_model`
-    recipe = (f"CM-GRPO (spec §6) for {steps} steps: LoRA r={args.rank}, alpha={args.lora_alpha}; "
+    recipe = (f"CM-GRPO (docs/method.md §4) for {steps} steps: LoRA r={args.rank}, alpha={args.lora_alpha}; "
               f"{args.export_weights.upper()} LoRA weights (decay {args.ema_decay}); policy kernel "
               f"`{args.policy_kernel}`; rewards `{args.reward_weights}` ({args.reward_aggregation}); group "
               f"{args.group_size} x {args.sync_group_size} processes; chunk weighting `{args.chunk_weighting}`.")
-    load = {
+    title, code = {
         "lora": ("LoRA adapter (diffusers format)",
                  "```python\nfrom raven_video import CausalWanPipeline\n\npipe = CausalWanPipeline.from_pretrained("
                  f"\"{base or '<base CausalWanPipeline>'}\")\npipe.load_lora_weights(\"<this repo or folder>\")\n"
@@ -337,23 +320,8 @@ def save_model_card(args, folder: str, flavour: str, repo_id: str | None, steps:
                    "```python\nfrom raven_video import CausalWanPipeline\n\npipe = CausalWanPipeline.from_pretrained("
                    "\"<this folder>\")\n```"),
     }[flavour]
-    description = (f"# RAVEN CM-GRPO: {load[0]}\n\n{recipe}\n\nLoad:\n\n{load[1]}\n\nStream 4-step chunks "
-                   "(t = 1000, 938, 833, 625), guidance 1.0.\n")
-    kwargs = dict(from_training=True, license="apache-2.0", base_model=base_model, model_description=description,
-                  prompt=(args.validation_prompts or [None])[0])
-    if repo_id is not None:
-        card = load_or_create_model_card(repo_id, token=args.hub_token, **kwargs)
-    else:  # local export: create the card from the template without asking the Hub
-        import huggingface_hub.constants as hub_constants
-
-        offline, hub_constants.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE, True
-        try:
-            card = load_or_create_model_card(f"local/{os.path.basename(os.path.abspath(folder))}", **kwargs)
-        finally:
-            hub_constants.HF_HUB_OFFLINE = offline
-    tags = ["text-to-video", "diffusers", "raven", "cm-grpo", "wan", "causal", "reinforcement-learning"]
-    card = populate_model_card(card, tags=tags + (["lora"] if flavour != "merged" else []))
-    card.save(os.path.join(folder, "README.md"))
+    return (f"# RAVEN CM-GRPO: {title}\n\n{recipe}\n\nLoad:\n\n{code}\n\nStream 4-step chunks "
+            "(t = 1000, 938, 833, 625), guidance 1.0.\n")
 
 
 # ----------------------------------------------------------------------------------------------------- main
@@ -362,22 +330,10 @@ def main(input_args=None):
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
 
     # --- validate everything cheap before any heavy work or any write
-    from raven_video.data.prompts import PromptStream, load_prompts
-
     with usage_errors():
         validate_args(args, world_size=int(os.environ.get("WORLD_SIZE", 1)))
-        shape = video_latent_shape(args, transformer_config(args))
+        shape = video_latent_shape(args)
         prompts = load_prompts(args.prompts, column=args.prompt_column)
-
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
-
-    from raven_video.rewards import RewardComposer
-    from raven_video.training.cm_grpo_step import (
-        CMGRPOConfig, CMGRPOState, adapters_disabled_reference, cm_grpo_step, lora_parameter_names,
-    )
-    from raven_video.training.ema import EMA
-    from raven_video.training.rollout import GeneratorForward
 
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
@@ -489,22 +445,17 @@ def main(input_args=None):
         ema.copy_to(policy)  # training is over: the policy now holds the EMA LoRA weights
     if accelerator.is_main_process:
         folders = export_all(args, pipe, policy, lora_state_dict(policy), args.output_dir)
-        repos = {}
-        if args.push_to_hub:
-            from huggingface_hub import create_repo
-
-            suffix = {"lora": "", "bundle": "-bundle", "merged": "-merged"}
-            repos = {f: create_repo(args.hub_model_id + suffix[f], exist_ok=True, token=args.hub_token).repo_id
-                     for f in folders}
+        suffix = {"lora": "", "bundle": "-bundle", "merged": "-merged"}
+        tags = ["text-to-video", "diffusers", "raven", "cm-grpo", "wan", "causal", "reinforcement-learning"]
         for flavour, folder in folders.items():
-            save_model_card(args, folder, flavour, repos.get(flavour), global_step)
-        if args.push_to_hub:
-            from huggingface_hub import upload_folder
-
-            for flavour, folder in folders.items():
+            repo_id = create_hub_repo(args.hub_model_id + suffix[flavour], args.hub_token) if args.push_to_hub else None
+            write_model_card(folder, model_card_text(args, flavour, global_step),
+                             tags + (["lora"] if flavour != "merged" else []),
+                             base_model=hub_base_model(args.pretrained_model_name_or_path),
+                             prompt=(args.validation_prompts or [None])[0], repo_id=repo_id, token=args.hub_token)
+            if repo_id is not None:
                 ignore = ["checkpoint-*", "logs/*", "validation/*", "*.tmp", f"{BUNDLE_DIR}/*", f"{MERGED_DIR}/*"]
-                upload_folder(repo_id=repos[flavour], folder_path=folder, token=args.hub_token,
-                              commit_message="End of training", ignore_patterns=ignore if flavour == "lora" else None)
+                push_folder(folder, repo_id, args.hub_token, ignore_patterns=ignore if flavour == "lora" else None)
     accelerator.end_training()
     return logs
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""RAVEN distillation: DMD with the training-time test on a causal Wan2.1 student (spec §3-5, Appendix B.2).
+"""RAVEN distillation: DMD with the training-time test on a causal Wan2.1 student (``docs/method.md`` §3, Alg. 1).
 
     accelerate launch --config_file configs/accelerate_fsdp2_8gpu.yaml train_raven.py \
         --pretrained_model_name_or_path <CausalWanPipeline folder> --teacher_model <Wan2.1-T2V-14B diffusers folder> \
@@ -18,37 +18,53 @@ import os
 import time
 
 import torch
+from accelerate import Accelerator, init_empty_weights
+from accelerate.utils import ProjectConfiguration, set_seed
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from tqdm.auto import tqdm
 
-from raven_video.models.transformer_causal_wan import cast_weights
-from raven_video.training.script_utils import (
+from raven_video.cli.training import (
     add_optimizer_arguments,
     add_run_arguments,
     argument_parser,
-    check_video_args,
     check_distributed,
+    check_run_args,
+    create_hub_repo,
+    hub_base_model,
     init_trackers,
     latent_shape,
     load_transformer,
     load_transformer_config,
+    load_vae_config,
     log_validation,
     make_optimizer,
+    pipeline_with,
     prompt_encoder,
+    push_folder,
     register_and_resume,
     resolve_resume,
     run_cli,
     save_checkpoint,
+    tiny_configs,
     usage_errors,
+    write_model_card,
 )
+from raven_video.data.latents import LatentDataset
+from raven_video.data.prompts import PromptStream, load_prompts
+from raven_video.models.transformer_causal_wan import CausalWanTransformer3DModel, cast_weights
+from raven_video.pipelines.pipeline_causal_wan import CausalWanPipeline
+from raven_video.testing import tiny_causal_transformer, tiny_pipeline
+from raven_video.training.chunk_weighting import parse_chunk_weighting
+from raven_video.training.ema import EMA
+from raven_video.training.raven_step import RAVEN_NEGATIVE_PROMPT, RavenConfig, TrainState, raven_iteration
+from raven_video.training.rollout import DATA_HISTORY_MODES, HISTORY_MODES, GeneratorForward
 
 logger = logging.getLogger("train_raven")
-
-HISTORY_CHOICES = ("raven", "self_forcing", "diffusion_forcing", "teacher_forcing", "df_self_rollout")
 
 
 # ----------------------------------------------------------------------------------------------------- arguments
 def parse_args(input_args=None):
-    p = argument_parser("RAVEN DMD distillation with the training-time test (spec App. B.2).")
+    p = argument_parser("RAVEN DMD distillation with the training-time test (docs/method.md §3, Alg. 1).")
     # models
     p.add_argument("--pretrained_model_name_or_path", type=str, default=None,
                    help="CausalWanPipeline folder or Hub id: the student init (+ text encoder, VAE, tokenizer).")
@@ -71,7 +87,7 @@ def parse_args(input_args=None):
     p.add_argument("--max_sequence_length", type=int, default=512)
     p.add_argument("--train_batch_size", type=int, default=1, help="Videos per process per iteration (spec: 1).")
     # algorithm
-    p.add_argument("--history", type=str, default="raven", choices=HISTORY_CHOICES)
+    p.add_argument("--history", type=str, default="raven", choices=HISTORY_MODES)
     p.add_argument("--chunk_weighting", type=str, default="-1", help="Spec §5: alpha, uniform, mode_<s>, ln_<m>_<s>.")
     p.add_argument("--ttur", type=int, default=2, help="Generator update every `ttur` iterations (critic every one).")
     p.add_argument("--guidance_scale", type=float, default=3.0, help="Teacher CFG, neg + w(pos - neg).")
@@ -89,9 +105,6 @@ def parse_args(input_args=None):
     p.add_argument("--seed", type=int, default=20001019)
     # checkpoints, logging, validation, export
     add_run_arguments(p, output_dir="raven-output", checkpointing_steps=110)
-    p.add_argument("--push_to_hub", action="store_true")
-    p.add_argument("--hub_model_id", type=str, default=None)
-    p.add_argument("--hub_token", type=str, default=None)
     args = p.parse_args(input_args)
     env_rank = int(os.environ.get("LOCAL_RANK", -1))
     args.local_rank = env_rank
@@ -101,22 +114,20 @@ def parse_args(input_args=None):
 # ----------------------------------------------------------------------------------------------------- validation
 def validate_args(args) -> None:
     """Cheap checks of the flags alone, before any file or model is touched. Errors name the value and the fix."""
-    from raven_video.training.chunk_weighting import parse_chunk_weighting
-
     if not args.tiny_random_models:
         if not args.pretrained_model_name_or_path:
             raise ValueError("--pretrained_model_name_or_path is required (a CausalWanPipeline folder), "
                              "or pass --tiny_random_models for a smoke run.")
         if not args.teacher_model:
             raise ValueError("--teacher_model is required: a Wan2.1 T2V diffusers transformer (1.3B or 14B) used as "
-                             "the frozen real score (spec §4.1).")
+                             "the frozen real score.")
     if args.prompts is None and args.latent_dataset is None:
         raise ValueError("no prompt source: pass --prompts (txt/csv/parquet/Hub dataset) or --latent_dataset.")
-    if args.history in ("teacher_forcing", "diffusion_forcing") and not args.latent_dataset:
+    if args.history in DATA_HISTORY_MODES and not args.latent_dataset:
         raise ValueError(f"--history {args.history} builds its history from real-video latents: pass "
                          "--latent_dataset (see scripts/precompute_latents.py).")
-    check_video_args(args)
-    for name in ("ttur", "max_train_steps", "train_batch_size", "checkpointing_steps"):
+    check_run_args(args)
+    for name in ("ttur", "train_batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} {getattr(args, name)} must be >= 1.")
     for name in ("learning_rate", "critic_learning_rate"):
@@ -127,13 +138,6 @@ def validate_args(args) -> None:
     if args.guidance_scale < 1.0 or args.rollout_guidance_scale < 1.0:
         raise ValueError("--guidance_scale and --rollout_guidance_scale must be >= 1 (1 = no guidance).")
     parse_chunk_weighting(args.chunk_weighting)
-    if args.report_to == "wandb" and args.hub_token is not None:
-        raise ValueError("--report_to wandb together with --hub_token would expose the token in the run config; "
-                         "log in with `huggingface-cli login` instead of passing --hub_token.")
-    if args.push_to_hub and not args.hub_model_id:
-        raise ValueError("--push_to_hub needs --hub_model_id (e.g. user/raven-wan-1.3b).")
-    if args.validation_steps is not None and args.validation_steps < 1:
-        raise ValueError(f"--validation_steps {args.validation_steps} must be >= 1.")
 
 
 _COMPAT_KEYS = ("in_channels", "out_channels", "patch_size", "text_dim")
@@ -146,7 +150,7 @@ def _cfg(config, key):
 
 
 def check_model_configs(student_cfg: dict, teacher_cfg: dict, critic_cfg: dict, text_dim: int | None = None) -> None:
-    """Student, teacher and critic must share the latent space, patching and text width (spec §4.1)."""
+    """Student, teacher and critic must share the latent space, patching and text width."""
     for name, cfg in (("teacher", teacher_cfg), ("critic", critic_cfg)):
         for key in _COMPAT_KEYS:
             if _cfg(cfg, key) != _cfg(student_cfg, key):
@@ -166,16 +170,15 @@ def same_size(a: dict, b: dict) -> bool:
 
 # ----------------------------------------------------------------------------------------------------- models
 def model_configs(args) -> tuple:
-    """(student, teacher, critic) transformer configs, read without loading weights."""
+    """(student, teacher, critic, vae) configs, read without loading weights."""
     if args.tiny_random_models:
-        from raven_video.testing import tiny_wan_transformer_config
-
-        cfg = dict(tiny_wan_transformer_config(num_frames_per_block=3), num_frames_first_block=None)
-        return cfg, dict(cfg), dict(cfg)
+        student, vae = tiny_configs()
+        return student, dict(student), dict(student), vae
     student_path = args.pretrained_model_name_or_path
     if not os.path.isdir(student_path) and student_path.startswith((".", "/", "~")):
         raise FileNotFoundError(f"--pretrained_model_name_or_path {student_path!r} does not exist.")
     student = load_transformer_config(student_path, args.revision)
+    vae = load_vae_config(student_path, args.revision)
     try:
         teacher = load_transformer_config(args.teacher_model)
     except (OSError, ValueError) as err:
@@ -190,16 +193,12 @@ def model_configs(args) -> tuple:
             f"{student['num_layers']}): pass --critic_model with a student-sized Wan2.1 T2V transformer (RAVEN: "
             "Wan2.1-T2V-1.3B critic, 14B teacher)."
         )
-    return student, teacher, critic
+    return student, teacher, critic, vae
 
 
 def load_models(args, weight_dtype):
     """Student pipeline (text encoder, VAE, tokenizer, student transformer), critic and teacher."""
-    from raven_video.pipelines.pipeline_causal_wan import CausalWanPipeline
-
     if args.tiny_random_models:
-        from raven_video.testing import tiny_causal_transformer, tiny_pipeline
-
         pipe = tiny_pipeline(seed=0)
         teacher = tiny_causal_transformer(seed=2)
         critic = tiny_causal_transformer(seed=2)  # the critic starts from the teacher's weights (same size)
@@ -213,55 +212,28 @@ def load_models(args, weight_dtype):
 # ----------------------------------------------------------------------------------------------------- export
 def export_pipeline(pipe, student_state_dict, output_dir: str) -> None:
     """The EMA student as a ``CausalWanPipeline`` folder (Hub layout) in ``output_dir``."""
-    from accelerate import init_empty_weights
-
-    from raven_video.models.transformer_causal_wan import CausalWanTransformer3DModel
-
     # a fresh model from the config, not a deepcopy: under FSDP2 the student is a sharded FSDP module
     with init_empty_weights():
         transformer = CausalWanTransformer3DModel.from_config(pipe.transformer.config)
     transformer.load_state_dict({k: v.to("cpu", torch.float32) for k, v in student_state_dict.items()},
                                 strict=True, assign=True)
-    exported = type(pipe)(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder.to("cpu"),
-                          vae=pipe.vae.to("cpu"), scheduler=pipe.scheduler, transformer=transformer,
-                          denoising_timesteps=pipe.config.denoising_timesteps, fps=pipe.config.fps)
-    exported.save_pretrained(output_dir)
+    pipeline_with(pipe, transformer).save_pretrained(output_dir)
 
 
-def save_model_card(args, output_dir: str, repo_id: str | None, steps: int) -> None:
-    from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
-
-    base = args.pretrained_model_name_or_path
-    base_model = base if base and not os.path.exists(base) else None  # only Hub ids in `base_model`
-    description = (
+def model_card_text(args, steps: int) -> str:
+    return (
         f"# RAVEN causal few-step Wan2.1 student\n\nEMA student (decay {args.ema_decay}) after {steps} RAVEN iterations "
         f"(DMD with the training-time test, history `{args.history}`, chunk weighting `{args.chunk_weighting}`, "
         f"teacher CFG {args.guidance_scale}). Load with `CausalWanPipeline.from_pretrained(...)` and stream 4-step "
         "chunks (t = 1000, 938, 833, 625).\n"
     )
-    kwargs = dict(from_training=True, license="apache-2.0", base_model=base_model, model_description=description,
-                  prompt=(args.validation_prompts or [None])[0])
-    if repo_id is not None:
-        card = load_or_create_model_card(repo_id, token=args.hub_token, **kwargs)
-    else:  # local export: create the card from the template without asking the Hub for an existing one
-        import huggingface_hub.constants as hub_constants
-
-        offline, hub_constants.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE, True
-        try:
-            card = load_or_create_model_card(f"local/{os.path.basename(os.path.abspath(output_dir))}", **kwargs)
-        finally:
-            hub_constants.HF_HUB_OFFLINE = offline
-    card = populate_model_card(card, tags=["text-to-video", "diffusers", "raven", "wan", "causal", "distillation"])
-    card.save(os.path.join(output_dir, "README.md"))
 
 
-# ----------------------------------------------------------------------------------------------------- validation
+# ----------------------------------------------------------------------------------------------------- FSDP2
 def keep_forward_inputs(accelerator) -> None:
     """FSDP2's default mixed-precision policy casts every floating forward input to bf16: timesteps (938 -> 936),
     the float64 RoPE tables and the fp32 modulation of every block. Keep the policy's dtypes but not that cast;
     Accelerate's autocast (which the training step runs under) casts the matmuls, as on one GPU or with DDP."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-
     plugin = accelerator.state.fsdp_plugin
     policy = plugin.mixed_precision_policy
     if plugin.fsdp_version == 2 and policy is not None and getattr(policy, "cast_forward_inputs", False):
@@ -273,8 +245,6 @@ def keep_forward_inputs(accelerator) -> None:
 
 def shard_frozen_model(model, device) -> None:
     """FSDP2 (``fully_shard``) for a frozen model: each block, then the root, sharded over all processes."""
-    from torch.distributed.fsdp import fully_shard
-
     model.to(device)
     for block in model.blocks:
         fully_shard(block)
@@ -287,28 +257,17 @@ def main(input_args=None):
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
 
     # --- validate everything cheap before any heavy work or any write
-    from raven_video.data.prompts import PromptStream, load_prompts
-
     with usage_errors():
         validate_args(args)
-        student_cfg, teacher_cfg, critic_cfg = model_configs(args)
+        student_cfg, teacher_cfg, critic_cfg, vae_cfg = model_configs(args)
         check_model_configs(student_cfg, teacher_cfg, critic_cfg)
-        shape = latent_shape(args, student_cfg)
+        shape = latent_shape(args, student_cfg, vae_cfg)
         dataset = None
         if args.latent_dataset:
-            from raven_video.data.latents import LatentDataset
-
             dataset = LatentDataset(args.latent_dataset, latent_shape=shape[1:])
             keys = dataset.keys
         else:
             keys = load_prompts(args.prompts, column=args.prompt_column)
-
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
-
-    from raven_video.training.ema import EMA
-    from raven_video.training.raven_step import RAVEN_NEGATIVE_PROMPT, RavenConfig, TrainState, raven_iteration
-    from raven_video.training.rollout import GeneratorForward
 
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
@@ -352,8 +311,6 @@ def main(input_args=None):
     critic_train, critic_opt = accelerator.prepare(critic, critic_opt)
     if is_fsdp:  # the frozen teacher has no optimizer, which Accelerate's FSDP2 prepare requires: shard it directly
         shard_frozen_model(teacher, accelerator.device)
-        from torch.distributed.fsdp import register_fsdp_forward_method
-
         register_fsdp_forward_method(student_train, "rollout")  # the rollout runs through the root's FSDP hooks
     student_module = accelerator.unwrap_model(student_train)  # the GeneratorForward (FSDP2: sharded in place)
     student = student_module.transformer
@@ -389,7 +346,7 @@ def main(input_args=None):
         keys_now = stream.take(args.train_batch_size)
         prompts = [dataset.prompt(k) for k in keys_now] if dataset is not None else keys_now
         data_latents = None
-        if dataset is not None and args.history in ("teacher_forcing", "diffusion_forcing"):
+        if dataset is not None and args.history in DATA_HISTORY_MODES:
             data_latents = torch.stack([dataset.latents(k) for k in keys_now]).to(accelerator.device)
         text = encode(prompts)
         # per-iteration, per-rank seed (spec §4.4): a resumed run replays the same draws
@@ -425,16 +382,14 @@ def main(input_args=None):
     state_dict = {k.removeprefix("transformer."): v for k, v in state_dict.items()} if state_dict else state_dict
     if accelerator.is_main_process:
         export_pipeline(pipe, state_dict, args.output_dir)
-        repo_id = None
-        if args.push_to_hub:
-            from huggingface_hub import create_repo, upload_folder
-
-            repo_id = create_repo(args.hub_model_id, exist_ok=True, token=args.hub_token).repo_id
-        save_model_card(args, args.output_dir, repo_id, global_step)
-        if args.push_to_hub:
-            upload_folder(repo_id=repo_id, folder_path=args.output_dir, token=args.hub_token,
-                          commit_message="End of training",
-                          ignore_patterns=["checkpoint-*", "logs/*", "validation/*", "*.tmp"])
+        repo_id = create_hub_repo(args.hub_model_id, args.hub_token) if args.push_to_hub else None
+        write_model_card(args.output_dir, model_card_text(args, global_step),
+                         ["text-to-video", "diffusers", "raven", "wan", "causal", "distillation"],
+                         base_model=hub_base_model(args.pretrained_model_name_or_path),
+                         prompt=(args.validation_prompts or [None])[0], repo_id=repo_id, token=args.hub_token)
+        if repo_id is not None:
+            push_folder(args.output_dir, repo_id, args.hub_token,
+                        ignore_patterns=["checkpoint-*", "logs/*", "validation/*", "*.tmp"])
     accelerator.end_training()
     return logs
 

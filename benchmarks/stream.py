@@ -76,10 +76,9 @@ def main():
                    help="eager | realtime (pipe.enable_realtime()) | realtime-nooverlap | realtime-cudnn-attn "
                         "(diffusers' _native_cudnn for every attention) | realtime-selfattn-<cudnn|flash|fa3>")
     p.add_argument("--compile_mode", default=None, help="torch.compile mode for the realtime modes")
-    p.add_argument("--vae_conv", default=None, help="realtime modes: enable_realtime(vae_conv=...) (taps2d, ...)")
+    p.add_argument("--vae_conv", default="conv3d", help="realtime modes: enable_realtime(vae_conv=...) (taps2d, ...)")
     p.add_argument("--no_vae_fuse", action="store_true", help="realtime modes: enable_realtime(vae_fuse=False)")
     p.add_argument("--no_cuda_graphs", action="store_true", help="realtime modes: enable_realtime(cuda_graphs=False)")
-    p.add_argument("--vae_channels_last", action="store_true", help="realtime modes: enable_realtime(vae_channels_last=True)")
     args = p.parse_args()
     if args.tiny:
         args.num_frames, args.height, args.width, args.repeats = 33, 64, 96, 1
@@ -104,7 +103,6 @@ def main():
             vae_conv=args.vae_conv,
             vae_fuse=not args.no_vae_fuse,
             cuda_graphs=not args.no_cuda_graphs,
-            vae_channels_last=args.vae_channels_last,
             **kwargs,
         )
     tic = time.perf_counter()
@@ -126,6 +124,7 @@ def main():
 
     from raven_video.eval.speed import floor_seconds, stream_flops
 
+    graphs = pipe._realtime_denoiser  # StreamingGraphs when CUDA graphs are on
     cfg = pipe.transformer.config
     sizes = pipe.transformer.chunk_sizes(pipe.latent_frames(args.num_frames))
     tpf = pipe.transformer.tokens_per_frame_for(args.height // 8, args.width // 8)
@@ -150,7 +149,6 @@ def main():
         "vae_fuse": args.mode != "eager" and not args.no_vae_fuse,
         "cuda_graphs": args.mode != "eager" and not args.no_cuda_graphs,
         "compile_mode": args.compile_mode,
-        "vae_channels_last": args.vae_channels_last,
         "total_s": round(best[0], 4),
         "fps": round(args.num_frames / best[0], 2),
         "first_chunk_latency_s": round(best[1][0], 4),
@@ -161,8 +159,8 @@ def main():
         "peak_mem_gb": round(peak, 2) if peak is not None else None,
         "warmup_s": round(warmup_s, 2),
         "max_abs_diff_vs_eager_latents": max_diff,
-        "cuda_graphs_captured": len(pipe._graphs.graphs) if pipe._graphs else None,
-        "cuda_graphs_disabled_reason": pipe._graphs.disabled_reason if pipe._graphs else None,
+        "cuda_graphs_captured": len(graphs.graphs) if graphs else None,
+        "cuda_graphs_disabled_reason": graphs.disabled_reason if graphs else None,
         "flops": flops.as_dict(),
         "floor_s_at_800_tflops": round(floor, 4),
         "floor_ratio": round(floor / best[0], 3),

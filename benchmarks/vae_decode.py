@@ -1,36 +1,36 @@
 """Streaming Wan VAE decode of 81 frames at 480x832 (21 latent frames, 7 chunks), random weights: what each lever buys.
 
-Variants: eager bf16; + cudnn.benchmark; + channels_last_3d; the causal-convolution implementations of ``raven_video.pipelines.vae_fast`` (``conv3d``, ``taps2d``,
-``stack2d``), alone and with ``fuse_decoder_pointwise``; and, per decoder convolution shape, the time of one call of each implementation. Prints ONE JSON line
-with seconds per full decode (best of 3 after a warm-up) and the max abs difference to the eager output.
+Variants: eager bf16; + cudnn.benchmark; + channels_last_3d weights; ``FastWanDecoder`` of ``raven_video.pipelines.vae_fast``
+with each causal-convolution implementation (``conv3d``, ``taps2d``, ``stack2d``), unfused and fused; and, per decoder
+convolution shape, the time of one call of each implementation. Prints ONE JSON line with seconds per full decode (best
+of 3 after a warm-up) and the max abs difference to the eager output.
 """
 
 from __future__ import annotations
 
 import json
 import time
-import types
 
 import torch
 from diffusers import AutoencoderKLWan
 
-from raven_video.pipelines.vae_fast import _FORWARDS, fuse_decoder_pointwise, set_causal_conv_impl
+from raven_video.pipelines.vae_fast import FastWanDecoder
 from raven_video.pipelines.vae_streaming import StreamingWanDecoder
 
 
-def decode(vae, latents):
-    decoder = StreamingWanDecoder(vae)
+def decode(vae, latents, fast=None):
+    decoder = StreamingWanDecoder(vae, decoder=fast)
     outs = [decoder.decode_chunk(latents[:, :, s:s + 3]) for s in range(0, latents.shape[2], 3)]
     return torch.cat(outs, dim=2)
 
 
-def timed(vae, latents, repeats=3):
-    decode(vae, latents)
+def timed(vae, latents, fast=None, repeats=3):
+    decode(vae, latents, fast)
     torch.cuda.synchronize()
     best = float("inf")
     for _ in range(repeats):
         tic = time.perf_counter()
-        out = decode(vae, latents)
+        out = decode(vae, latents, fast)
         torch.cuda.synchronize()
         best = min(best, time.perf_counter() - tic)
     return best, out
@@ -49,17 +49,15 @@ def per_conv_times(vae):
         flop = 2 * channels * channels * 27 * frames * height * width
         row = {}
         for impl in ("diffusers", "conv3d", "taps2d", "stack2d"):
-            conv.__dict__.pop("forward", None)
-            if impl != "diffusers":
-                conv.forward = types.MethodType(_FORWARDS[impl], conv)
+            fast = FastWanDecoder(vae, conv_impl=impl, fuse=False)
             args = (x, cache) if impl == "diffusers" else (  # the fast paths keep activations channels-last
                 x.contiguous(memory_format=torch.channels_last_3d), cache.contiguous(memory_format=torch.channels_last_3d))
             for _ in range(3):
-                conv(*args)
+                fast.causal_conv(conv, *args)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             for _ in range(10):
-                conv(*args)
+                fast.causal_conv(conv, *args)
             end.record()
             torch.cuda.synchronize()
             ms = start.elapsed_time(end) / 10
@@ -90,18 +88,13 @@ def main():
         for m in convs:
             m.to(memory_format=torch.contiguous_format)
         for impl in ("conv3d", "taps2d", "stack2d"):
-            set_causal_conv_impl(vae, impl)
-            t, out = timed(vae, latents)
+            t, out = timed(vae, latents, FastWanDecoder(vae, conv_impl=impl, fuse=False))
             result[f"{impl}_s"] = round(t, 3)
             result[f"{impl}_max_abs_diff"] = (out.float() - ref.float()).abs().max().item()
         for impl in ("conv3d", "taps2d"):
-            set_causal_conv_impl(vae, impl)
-            fuse_decoder_pointwise(vae)
-            t, out = timed(vae, latents)
+            t, out = timed(vae, latents, FastWanDecoder(vae, conv_impl=impl, fuse=True))
             result[f"{impl}_fused_s"] = round(t, 3)
             result[f"{impl}_fused_max_abs_diff"] = (out.float() - ref.float()).abs().max().item()
-            fuse_decoder_pointwise(vae, enable=False)
-        set_causal_conv_impl(vae, "diffusers")
         result["per_conv_ms"] = per_conv_times(vae)
     result["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     print(json.dumps(result))

@@ -5,7 +5,6 @@ import torch
 
 from raven_video.training.chunk_weighting import (
     ChunkWeighting,
-    chunk_frame_sizes,
     chunk_weighted_count,
     chunk_weighted_loss,
     chunk_weights,
@@ -106,6 +105,8 @@ def test_chunk_weights_rejects_bad_sizes():
 
 
 def test_chunk_frame_sizes():
+    from raven_video.models.attention_layout import chunk_sizes as chunk_frame_sizes
+
     assert chunk_frame_sizes(21, 3) == [3] * 7
     assert chunk_frame_sizes(21, 3, 3) == [3] * 7
     assert chunk_frame_sizes(10, 3, 4) == [4, 3, 3]

@@ -7,14 +7,13 @@ import torch
 from safetensors.torch import save_file
 
 from diffusers import WanTransformer3DModel
+from raven_video.cli.convert import main
+from raven_video.models.checkpoints import convert_checkpoint, load_original_checkpoint
 from raven_video.models.conversion import (
-    convert_checkpoint,
     convert_diffusers_to_original_wan_state_dict,
     convert_original_wan_state_dict,
     detect_state_dict_layout,
     infer_wan_config_from_state_dict,
-    load_original_checkpoint,
-    main,
 )
 from raven_video.testing import tiny_wan_transformer, tiny_wan_transformer_config
 
@@ -150,7 +149,7 @@ def test_key_selects_container_and_dtype(tmp_path, original_state_dict):
     model = convert_checkpoint(
         path, tmp_path / "bf16", key="generator", dtype="bf16",
         config_overrides={"attention_head_dim": HEAD_DIM}, model_cls=WanTransformer3DModel,
-    )
+    ).model
     assert model.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
     assert model.blocks[0].scale_shift_table.dtype == torch.float32  # _keep_in_fp32_modules stay fp32
     torch.testing.assert_close(
@@ -173,8 +172,8 @@ def test_wrapper_prefixes_and_diffusers_layout(tmp_path, model, original_state_d
         tmp_path / "diffusers.safetensors", out, config_overrides={"attention_head_dim": HEAD_DIM},
         model_cls=WanTransformer3DModel,
     )
-    assert converted._raven_conversion_summary["source_layout"] == "diffusers"
-    assert torch.equal(converted.proj_out.weight, model.proj_out.weight)
+    assert converted.source_layout == "diffusers"
+    assert torch.equal(converted.model.proj_out.weight, model.proj_out.weight)
 
 
 def test_error_cases(tmp_path, original_state_dict):
@@ -263,15 +262,13 @@ def test_cli(tmp_path, original_state_dict, capsys):
 
 
 def test_default_model_class_is_causal(tmp_path, original_state_dict):
-    causal = pytest.importorskip("raven_video.models.transformer_causal_wan")
-    cls = getattr(causal, "CausalWanTransformer3DModel", None)
-    if cls is None:
-        pytest.skip("CausalWanTransformer3DModel not written yet")
+    from raven_video.models.transformer_causal_wan import CausalWanTransformer3DModel as cls
+
     path = tmp_path / "sf.pt"
     torch.save(_self_forcing_checkpoint(original_state_dict), path)
     model = convert_checkpoint(
         path, tmp_path / "causal", config_overrides={"attention_head_dim": HEAD_DIM, "num_frames_per_block": 3}
-    )
+    ).model
     assert type(model).__name__ == "CausalWanTransformer3DModel"
     reloaded = cls.from_pretrained(tmp_path / "causal")
     assert reloaded.config.num_frames_per_block == 3

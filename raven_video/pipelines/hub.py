@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 import os
 
+from ..utils.atomic import atomic_write_text
+
 PIPELINE_SHIM = "pipeline_causal_wan.py"
 TRANSFORMER_SHIM = os.path.join("transformer", "causal_wan.py")
 
@@ -50,10 +52,10 @@ def write_hub_layout(folder: str) -> None:
     index["_class_name"] = list(PIPELINE_ENTRY)
     if "transformer" in index:
         index["transformer"] = list(TRANSFORMER_ENTRY)
-    _atomic_write(index_path, json.dumps(index, indent=2, sort_keys=True) + "\n")
-    _atomic_write(os.path.join(folder, PIPELINE_SHIM), _PIPELINE_SHIM_TEXT)
+    atomic_write_text(index_path, json.dumps(index, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(os.path.join(folder, PIPELINE_SHIM), _PIPELINE_SHIM_TEXT)
     os.makedirs(os.path.join(folder, "transformer"), exist_ok=True)
-    _atomic_write(os.path.join(folder, TRANSFORMER_SHIM), _TRANSFORMER_SHIM_TEXT)
+    atomic_write_text(os.path.join(folder, TRANSFORMER_SHIM), _TRANSFORMER_SHIM_TEXT)
 
 
 def _components(index: dict) -> dict:
@@ -126,10 +128,3 @@ def download(repo_id: str, **kwargs) -> str:
     refuse_foreign_code(index, f"Hub repo {repo_id!r}")
     allow = ["model_index.json"] + [f"{name}/*" for name in _components(index)]
     return snapshot_download(repo_id, allow_patterns=allow, ignore_patterns=["*.py", "*.pyc"], **opts)
-
-
-def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)

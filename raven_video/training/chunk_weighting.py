@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -28,7 +28,6 @@ import torch
 __all__ = [
     "ChunkWeighting",
     "parse_chunk_weighting",
-    "chunk_frame_sizes",
     "chunk_weights",
     "chunk_weighted_count",
     "chunk_weighted_loss",
@@ -126,24 +125,6 @@ def parse_chunk_weighting(spec: Union[str, float, int, ChunkWeighting]) -> Chunk
     raise _bad(spec)
 
 
-def chunk_frame_sizes(num_frames: int, chunk_size: int = 3, first_chunk_size: Optional[int] = None) -> List[int]:
-    """Latent frames per chunk (spec §1.5): ``[first_chunk_size, chunk_size, ..., chunk_size]``.
-
-    ``first_chunk_size`` defaults to ``chunk_size`` (RAVEN: 21 latent frames, 3/3 -> 7 chunks of 3).
-    Raises ``ValueError`` if ``num_frames`` does not fit the chunking.
-    """
-    first = chunk_size if first_chunk_size is None else first_chunk_size
-    if chunk_size < 1 or first < 1:
-        raise ValueError(f"chunk_size and first_chunk_size must be >= 1, got {chunk_size}, {first}.")
-    rest = num_frames - first
-    if rest < 0 or rest % chunk_size != 0:
-        raise ValueError(
-            f"{num_frames} latent frames do not fit chunks of {chunk_size} after a first chunk of {first}: need "
-            f"num_latent_frames = {first} + k * {chunk_size} (e.g. 81 video frames -> 21 latent frames with 3/3)."
-        )
-    return [first] + [chunk_size] * (rest // chunk_size)
-
-
 def _participation(sizes: torch.Tensor) -> torch.Tensor:
     """``p_c = sum_{k >= c} n_k / sum_k n_k``, float64 ``[N]`` (spec §5 step 2)."""
     tail = torch.flip(torch.cumsum(torch.flip(sizes, dims=[0]), dim=0), dims=[0])
@@ -232,7 +213,7 @@ def _frame_weights(
     if sum(frames) != num_frames:
         raise ValueError(
             f"frames_per_chunk {frames} sums to {sum(frames)} but the loss map has {num_frames} frames on dim "
-            f"{frame_dim} (shape {tuple(per_element.shape)}); pass chunk_frame_sizes({num_frames}, ...)."
+            f"{frame_dim} (shape {tuple(per_element.shape)}); pass transformer.chunk_sizes({num_frames})."
         )
     w = chunk_weights(frames, weighting)  # frames are proportional to elements within one sample
     return torch.repeat_interleave(w, torch.tensor(frames)).to(per_element.device)
@@ -272,7 +253,7 @@ def chunk_weighted_loss(
     Args:
         per_element: ``[B, C, F, H, W]`` per-element loss (MSE to a target, or a DMD/CM-GRPO surrogate).
             Any layout works if ``frame_dim`` is the latent-frame axis and dim 0 the batch.
-        frames_per_chunk: latent frames per chunk, summing to ``F`` (see ``chunk_frame_sizes``).
+        frames_per_chunk: latent frames per chunk, summing to ``F`` (``CausalWanTransformer3DModel.chunk_sizes``).
         weighting: anything ``parse_chunk_weighting`` accepts (RAVEN: ``-1``).
         global_weighted_count: ``D`` already all-reduced over ranks (sum of ``chunk_weighted_count``). If
             ``None``, every rank is assumed to hold the same count: ``D = local_count * world_size``.

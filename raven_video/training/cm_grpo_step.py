@@ -26,8 +26,6 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 from diffusers import FlowMatchLCMScheduler
-from diffusers.schedulers.scheduling_flow_match_lcm import FlowMatchLCMSchedulerOutput
-from diffusers.utils.torch_utils import randn_tensor
 
 from .chunk_weighting import chunk_weighted_loss, per_chunk_means
 from ..sampling.flow import DEFAULT_SHIFT, DEFAULT_TIMESTEPS, sigma_from_timestep

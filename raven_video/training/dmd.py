@@ -7,7 +7,6 @@ Schedule conventions (spec §1.1): ``x_t = (1 - sigma) x0 + sigma eps``, velocit
 
 from __future__ import annotations
 
-from typing import Union
 
 import torch
 import torch.nn.functional as F

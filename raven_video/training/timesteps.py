@@ -14,7 +14,7 @@ References are to ``reference/raven_spec.md``:
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Union
+from typing import Optional, Union
 
 import torch
 

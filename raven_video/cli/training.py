@@ -1,6 +1,7 @@
-"""Wiring shared by ``train_raven.py`` and ``train_cm_grpo.py`` (diffusers-examples conventions, diffusers_notes §5):
-transformer loading, the optimizer, atomic checkpoints and exact resume, trackers, prompt encoding, validation videos.
-The algorithms themselves live in :mod:`raven_video.training.raven_step` and :mod:`raven_video.training.cm_grpo_step`.
+"""Wiring shared by the training scripts (``train_*.py`` at the repository root), in the diffusers examples'
+conventions: argument groups and their checks, one-line usage errors, model configs read without weights, the
+optimizer, atomic checkpoints and exact resume, trackers, prompt encoding, validation videos, and the export tail
+(pipeline folder, model card, Hub upload). The algorithms live in :mod:`raven_video.training`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,17 @@ import re
 import shutil
 import sys
 
+import numpy as np
 import torch
+from diffusers import AutoencoderKLWan
+from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH, load_or_create_model_card, populate_model_card
+from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
+
+from ..models.attention_layout import num_frames_problem
+from ..models.transformer_causal_wan import CausalWanTransformer3DModel
+from ..pipelines.pipeline_causal_wan import CausalWanPipeline
+from ..testing import tiny_pipeline
+from ..utils.video_io import save_video
 
 logger = logging.getLogger(__name__)
 
@@ -70,28 +81,43 @@ def add_run_arguments(p, *, output_dir: str, checkpointing_steps: int) -> None:
     p.add_argument("--logging_dir", type=str, default="logs")
     p.add_argument("--validation_steps", type=int, default=None)
     p.add_argument("--validation_prompts", type=str, nargs="*", default=None)
+    p.add_argument("--push_to_hub", action="store_true")
+    p.add_argument("--hub_model_id", type=str, default=None)
+    p.add_argument("--hub_token", type=str, default=None)
 
 
-def check_video_args(args) -> None:
-    """``--height/--width`` multiples of 16, before any model is loaded (``--num_frames`` needs the student's
-    chunking: :func:`latent_shape`)."""
-    for name in ("height", "width"):
-        value = getattr(args, name)
-        if value <= 0 or value % 16:
-            raise ValueError(f"--{name} {value} must be a positive multiple of 16 (VAE stride 8 x patch 2).")
+def check_run_args(args) -> None:
+    """The checks of :func:`add_run_arguments`' flags (and ``--max_train_steps``)."""
+    for name in ("max_train_steps", "checkpointing_steps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} {getattr(args, name)} must be >= 1.")
+    if args.validation_steps is not None and args.validation_steps < 1:
+        raise ValueError(f"--validation_steps {args.validation_steps} must be >= 1.")
+    if args.report_to == "wandb" and args.hub_token is not None:
+        raise ValueError("--report_to wandb together with --hub_token would expose the token in the run config; "
+                         "log in with `huggingface-cli login` instead of passing --hub_token.")
+    if args.push_to_hub and not args.hub_model_id:
+        raise ValueError("--push_to_hub needs --hub_model_id (e.g. user/raven-wan-1.3b).")
 
 
-def latent_shape(args, student_cfg: dict) -> tuple:
-    """``(B, C, F, H, W)`` and validation of the chunking (spec §1.5)."""
-    from raven_video.models.attention_layout import num_frames_problem
-
-    problem = num_frames_problem(args.num_frames, student_cfg.get("num_frames_per_block", 3),
-                                 student_cfg.get("num_frames_first_block"))
+def latent_shape(args, transformer_cfg: dict, vae_cfg: dict, batch_size: int | None = None) -> tuple:
+    """``(B, C, F, H, W)`` of ``--num_frames/--height/--width`` for these configs (strides from the VAE, patch and
+    chunking from the transformer); raises with the fix when they do not fit (``docs/method.md`` §1.4)."""
+    temporal = int(vae_cfg.get("scale_factor_temporal", 4))
+    spatial = int(vae_cfg.get("scale_factor_spatial", 8))
+    multiple = spatial * int(transformer_cfg.get("patch_size", (1, 2, 2))[1])
+    problem = num_frames_problem(args.num_frames, transformer_cfg.get("num_frames_per_block", 3),
+                                 transformer_cfg.get("num_frames_first_block"), temporal)
     if problem:
         raise ValueError(f"--num_frames {args.num_frames} {problem}.")
-    frames = (args.num_frames - 1) // 4 + 1
-    return (args.train_batch_size, student_cfg["in_channels"], frames, args.height // 8, args.width // 8)
-
+    for name in ("height", "width"):
+        value = getattr(args, name)
+        if value <= 0 or value % multiple:
+            raise ValueError(f"--{name} {value} must be a positive multiple of {multiple} (VAE stride {spatial} x "
+                             f"patch {multiple // spatial}), e.g. {max(multiple, round(value / multiple) * multiple)}.")
+    frames = (args.num_frames - 1) // temporal + 1
+    batch = args.train_batch_size if batch_size is None else batch_size
+    return (batch, transformer_cfg["in_channels"], frames, args.height // spatial, args.width // spatial)
 
 
 def _transformer_location(path: str) -> dict:
@@ -108,22 +134,29 @@ def _transformer_location(path: str) -> dict:
 
 
 def load_transformer_config(path: str, revision=None) -> dict:
-    from raven_video.models.transformer_causal_wan import CausalWanTransformer3DModel
-
     return dict(CausalWanTransformer3DModel.load_config(**_transformer_location(path), revision=revision))
 
 
 def load_transformer(path: str, revision=None, **kwargs):
     """Any Wan2.1 T2V diffusers transformer into ``CausalWanTransformer3DModel`` (same parameter names)."""
-    from raven_video.models.transformer_causal_wan import CausalWanTransformer3DModel
-
     return CausalWanTransformer3DModel.from_pretrained(**_transformer_location(path), revision=revision, **kwargs)
+
+
+def load_vae_config(path: str, revision=None) -> dict:
+    """The ``vae/config.json`` of a pipeline folder or Hub id (read without weights)."""
+    return dict(AutoencoderKLWan.load_config(path, subfolder="vae", revision=revision))
+
+
+def tiny_configs() -> tuple[dict, dict]:
+    """``(transformer, vae)`` configs of ``--tiny_random_models`` (chunks of 3 latent frames)."""
+    pipe = tiny_pipeline(seed=0)
+    return dict(pipe.transformer.config), dict(pipe.vae.config)
 
 
 def make_optimizer(args, params, lr):
     if args.use_8bit_adam:
         try:
-            import bitsandbytes as bnb
+            import bitsandbytes as bnb  # optional, CUDA only
         except ImportError as err:
             raise ImportError("--use_8bit_adam needs bitsandbytes (CUDA): pip install bitsandbytes") from err
         cls = bnb.optim.AdamW8bit
@@ -207,14 +240,7 @@ def resolve_resume(args) -> str | None:
 
 def log_validation(args, accelerator, pipe, student, step: int) -> None:
     """Videos for the fixed validation prompts (current student), written to ``output_dir/validation`` and logged."""
-    import numpy as np
-
-    from raven_video.pipelines.pipeline_causal_wan import CausalWanPipeline
-    from raven_video.utils.video_io import save_video
-
-    val = CausalWanPipeline(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae,
-                            scheduler=copy.deepcopy(pipe.scheduler), transformer=student,
-                            denoising_timesteps=pipe.config.denoising_timesteps, fps=pipe.config.fps)
+    val = pipeline_with(pipe, student, device=None)
     val.set_progress_bar_config(disable=True)
     generator = torch.Generator(device=accelerator.device).manual_seed(args.seed)
     folder = os.path.join(args.output_dir, "validation", f"step-{step}")
@@ -237,7 +263,7 @@ def log_validation(args, accelerator, pipe, student, step: int) -> None:
             except Exception:  # add_video needs moviepy: fall back to the first frames
                 tracker.writer.add_images("validation_first_frame", clip[:, 0], step)
         elif tracker.name == "wandb":
-            import wandb
+            import wandb  # optional extra
 
             tracker.log({"validation": [wandb.Video(os.path.join(folder, f"{i:02d}.mp4"), caption=p)
                                         for i, p in enumerate(args.validation_prompts)]}, step=step)
@@ -276,3 +302,46 @@ def prompt_encoder(pipe, max_sequence_length: int, text_device, device):
         return embeds.to(device, torch.float32)
 
     return encode
+
+
+# ----------------------------------------------------------------------------------------------------- export
+def pipeline_with(pipe, transformer, device="cpu") -> CausalWanPipeline:
+    """A ``CausalWanPipeline`` of ``pipe``'s components (moved to ``device`` unless ``None``) with ``transformer``."""
+    components = dict(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae)
+    if device is not None:
+        components.update(text_encoder=pipe.text_encoder.to(device), vae=pipe.vae.to(device))
+    return CausalWanPipeline(**components, scheduler=copy.deepcopy(pipe.scheduler), transformer=transformer,
+                             denoising_timesteps=pipe.config.denoising_timesteps, fps=pipe.config.fps,
+                             height=pipe.config.height, width=pipe.config.width)
+
+
+def hub_base_model(path: str | None) -> str | None:
+    """``path`` if it names a Hub repo (model cards list only Hub ids as ``base_model``), else ``None``."""
+    return path if path and not os.path.exists(path) else None
+
+
+def write_model_card(folder: str, description: str, tags: list[str], base_model: str | None = None,
+                     prompt: str | None = None, repo_id: str | None = None, token: str | None = None) -> None:
+    """``folder/README.md`` from diffusers' training template; with ``repo_id`` an existing Hub card is kept and
+    updated (``load_or_create_model_card``), without one the card is made locally, asking the Hub nothing."""
+    kwargs = dict(license="apache-2.0", base_model=base_model, model_description=description)
+    if repo_id is not None:
+        card = load_or_create_model_card(repo_id, token=token, from_training=True, prompt=prompt, **kwargs)
+    else:
+        card = ModelCard.from_template(
+            card_data=ModelCardData(license=kwargs["license"], library_name="diffusers", base_model=base_model,
+                                    instance_prompt=prompt),
+            template_path=MODEL_CARD_TEMPLATE_PATH, model_description=description,
+        )
+    populate_model_card(card, tags=tags).save(os.path.join(folder, "README.md"))
+
+
+def push_folder(folder: str, repo_id: str, token: str | None, ignore_patterns: list[str] | None = None) -> None:
+    """Upload an exported folder to ``repo_id`` (see :func:`create_hub_repo`)."""
+    upload_folder(repo_id=repo_id, folder_path=folder, token=token, commit_message="End of training",
+                  ignore_patterns=ignore_patterns)
+
+
+def create_hub_repo(repo_id: str, token: str | None) -> str:
+    """Create (or find) the model repo ``repo_id``; returns its full id."""
+    return create_repo(repo_id, exist_ok=True, token=token).repo_id
