@@ -88,12 +88,12 @@ def parse_args(input_args=None):
     p.add_argument("--train_batch_size", type=int, default=1, help="Videos per process per iteration (spec: 1).")
     # algorithm
     p.add_argument("--history", type=str, default="raven", choices=HISTORY_MODES)
-    p.add_argument("--chunk_weighting", type=str, default="-1", help="Spec §5: alpha, uniform, mode_<s>, ln_<m>_<s>.")
+    p.add_argument("--chunk_weighting", type=str, default="-1", help="docs/method.md §3.5: alpha, uniform, mode_<s>, ln_<m>_<s>.")
     p.add_argument("--ttur", type=int, default=2, help="Generator update every `ttur` iterations (critic every one).")
     p.add_argument("--guidance_scale", type=float, default=3.0, help="Teacher CFG, neg + w(pos - neg).")
     p.add_argument("--rollout_guidance_scale", type=float, default=1.0,
-                   help="Student CFG in the rollout; 1 = unguided (default), 3.0 reproduces ff6960c (spec §10.1).")
-    p.add_argument("--negative_prompt", type=str, default=None, help="Default: the spec's RAVEN negative prompt.")
+                   help="Student CFG in the rollout; 1 = unguided (default), 3.0 reproduces the reference code's guided rollouts (docs/method.md §5).")
+    p.add_argument("--negative_prompt", type=str, default=None, help="Default: RAVEN's negative prompt.")
     p.add_argument("--dmd_loss_type", type=str, default="dmd", choices=("dmd", "sim", "sid"))
     # optimisation
     p.add_argument("--learning_rate", type=float, default=2e-6)
@@ -349,7 +349,7 @@ def main(input_args=None):
         if dataset is not None and args.history in DATA_HISTORY_MODES:
             data_latents = torch.stack([dataset.latents(k) for k in keys_now]).to(accelerator.device)
         text = encode(prompts)
-        # per-iteration, per-rank seed (spec §4.4): a resumed run replays the same draws
+        # per-iteration, per-rank seed (Alg. 1): a resumed run replays the same draws
         generator = torch.Generator().manual_seed(
             args.seed + global_step * accelerator.num_processes + accelerator.process_index)
         tic = time.perf_counter()

@@ -2,7 +2,7 @@
 """Time one CM-GRPO step by phase (rollout, decode, reward, policy fwd/bwd) and the peak memory; one JSON line.
 
 Full size (default, GPU): causal Wan2.1-1.3B with random weights, 81x480x832 (21 latent frames = 7 chunks), group 4,
-weight-free rewards, LoRA r=256 on the spec's 16 module types, bf16 autocast. ``--tiny``: the tiny test models on CPU.
+weight-free rewards, LoRA r=256 on the paper's 16 module types (all linear layers), bf16 autocast. ``--tiny``: the tiny test models on CPU.
 
     python benchmarks/cm_grpo_step.py            # GPU
     python benchmarks/cm_grpo_step.py --tiny     # CPU smoke

@@ -1,4 +1,4 @@
-"""GPU check + timing of the training-time-test forward (spec §3) at Wan2.1-1.3B size, random weights.
+"""GPU check + timing of the training-time-test forward (Eq. 5) at Wan2.1-1.3B size, random weights.
 
 1. correctness on CUDA: tiny model, the flex-attention ``BlockMask`` path equals the SDPA bool-mask path (fwd + grads);
 2. speed/memory: one interleaved forward + backward over ``[z1, x1, ..., z7]`` (13 segments x 4680 = 60 840 tokens),

@@ -2,7 +2,7 @@
 
 Prints ONE JSON line: total CUDA time per kernel name (top ``--top``), grouped into categories (GEMM, attention,
 convolution, pointwise/reduction, copies), for the transformer-only run (``output_type="latent"``) and the full run
-(VAE decode included). A development tool for issue 6; numbers go to BENCHMARKS.md only through ``stream.py``.
+(VAE decode included). A development tool; numbers go to BENCHMARKS.md only through ``stream.py``.
 
     python benchmarks/profile_stream.py --mode realtime
 """

@@ -1,4 +1,4 @@
-"""Side-by-side speed + parity against the Self Forcing reference implementation (issue 6), in ONE process.
+"""Side-by-side speed + parity against the Self Forcing reference implementation, in ONE process.
 
 The reference (github guandeh17/Self-Forcing) is NOT part of this repository: it is checked out, for benchmarking
 only, under ``.ref/Self-Forcing`` (see ``benchmarks/fetch_reference.sh``; ``/.ref/`` is git-ignored). We import its

@@ -3,7 +3,7 @@
 
 Wan2.1-T2V-1.3B student, critic and teacher (random weights measure speed and memory exactly as real ones),
 81x480x832 video -> latent [16, 21, 60, 104], 7 chunks of 3 latent frames, random text embeddings [1, 512, 4096].
-fp32 master weights + bf16 autocast for student/critic (spec §4.5), bf16 teacher. Prints ONE JSON line:
+fp32 master weights + bf16 autocast for student/critic (docs/method.md §5), bf16 teacher. Prints ONE JSON line:
 time per phase (seconds), peak GPU memory, options.
 
     python benchmarks/train_step.py                                  # H100, defaults

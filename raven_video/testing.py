@@ -188,7 +188,7 @@ def tiny_pass_through_vae(seed: int = 0) -> AutoencoderKLWan:
 
 
 def tiny_scheduler() -> FlowMatchLCMScheduler:
-    r"""`FlowMatchLCMScheduler(shift=5.0)`: the few-step consistency sampler of the spec (§1.3-1.4)."""
+    r"""`FlowMatchLCMScheduler(shift=5.0)`: the few-step consistency sampler (docs/method.md §1; Eq. 6)."""
     return FlowMatchLCMScheduler(shift=5.0)
 
 

@@ -1,4 +1,4 @@
-"""Chunk-wise loss weighting (spec §5): the 7-chunk table, parsing, limits and the global reduction."""
+"""Chunk-wise loss weighting (docs/method.md §3.5): the 7-chunk table, parsing, limits and the global reduction."""
 
 import pytest
 import torch
@@ -12,7 +12,7 @@ from raven_video.training.chunk_weighting import (
     per_chunk_means,
 )
 
-# Spec §5 worked example, 7 equal chunks.
+# docs/method.md §3.5 worked example, 7 equal chunks.
 SPEC_TABLE = {
     "-1": [0.3857, 0.4500, 0.5399, 0.6749, 0.8999, 1.3499, 2.6997],
     "-2": [0.5094, 0.5821, 0.6791, 0.8150, 1.0187, 1.3583, 2.0374],
@@ -137,7 +137,7 @@ def test_weighted_loss_matches_manual_and_gradient():
 
 
 def test_global_reduction_equals_single_process():
-    """Two ranks with different batch sizes + all-reduced count == one process with both (spec §5 step 5)."""
+    """Two ranks with different batch sizes + all-reduced count == one process with both (docs/method.md §3.5)."""
     torch.manual_seed(1)
     frames = [3] * 7
     a = torch.rand(1, 2, 21, 2, 2, dtype=torch.float64)

@@ -1,5 +1,5 @@
 """The CM-GRPO step pieces: on-kernel rollouts (consistency and Euler-Maruyama) and the policy-gradient identity of
-``policy_loss`` through the network (spec §6.5). Tiny random models, CPU, float64."""
+``policy_loss`` through the network (Eq. 9). Tiny random models, CPU, float64."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""DMD losses (spec §4.2-4.3, §5 step 5, §10.10, §10.12)."""
+"""DMD losses (Alg. 1 l.11-28, docs/method.md §5)."""
 
 import pytest
 import torch
@@ -69,7 +69,7 @@ def test_dmd_surrogate_gradient_is_f_minus_r_over_norm(dtype):
         assert torch.equal(grad, expected) or torch.allclose(grad, expected, rtol=1e-15, atol=0)
     else:
         torch.testing.assert_close(grad, expected)
-    # Equivalent MSE form of spec §4.3: 0.5 || x0 - sg(x0 - (f - r)/norm) ||^2.
+    # Equivalent MSE form of Alg. 1 l.16-25: 0.5 || x0 - sg(x0 - (f - r)/norm) ||^2.
     x0b = x0.detach().double().requires_grad_(True)
     target = (x0b - (f.double() - r.double()) / norm).detach()
     (g2,) = torch.autograd.grad(0.5 * ((x0b - target) ** 2).sum(), x0b)
@@ -91,7 +91,7 @@ def test_sim_and_sid_gradients():
 
 
 def test_chunk_weighted_dmd_gradient_matches_spec_step5():
-    """Per-element gradient = w_c (f - r) / (norm * N_global) (spec §4.3 step 5)."""
+    """Per-element gradient = w_c (f - r) / (norm * N_global) (Alg. 1 l.26-28)."""
     x0, f, r = _tensors(2)
     x0.requires_grad_(True)
     frames = [3, 3]

@@ -1,4 +1,4 @@
-"""EMA of named parameters (spec §4.5, §6.1: constant decay 0.9675 from the first update)."""
+"""EMA of named parameters (docs/method.md §5: constant decay 0.9675 from the first update)."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Prompt sources and the sharded, resumable prompt stream (spec §4.5, §6.2). No network."""
+"""Prompt sources and the sharded, resumable prompt stream (docs/method.md §5, Alg. 2 l.1-13). No network."""
 
 import json
 

@@ -1,4 +1,4 @@
-"""Reward interface, weight-free proxies and the composer (spec §6.3). Fast, no model weights."""
+"""Reward interface, weight-free proxies and the composer (Alg. 2 l.14-20). Fast, no model weights."""
 
 import math
 import os
@@ -114,7 +114,7 @@ def test_normalize_then_sum_matches_hand_computation():
     comp = RewardComposer("proxy_motion=2,proxy_flicker=1", rewards=[FrameDifferenceMotion(), TemporalFlicker()])
     total = comp.aggregate(scores)
     v = np.array([1.0, 2.0, 3.0, 6.0])
-    z = (v - v.mean()) / (max(v.std(), 1e-4) + 1e-5)  # population std, spec §6.3
+    z = (v - v.mean()) / (max(v.std(), 1e-4) + 1e-5)  # population std, Alg. 2 l.14-20
     expected = (2 * z + 1 * 0.0) / 3.0  # zero-variance field contributes 0, not NaN
     assert torch.allclose(total.double(), torch.tensor(expected), atol=1e-6)
     assert torch.isfinite(total).all()

@@ -1,4 +1,4 @@
-"""Self-rollout == pipeline sampling, and the history modes of paper Table 2 (spec §3, §3.5, B.1-B.2)."""
+"""Self-rollout == pipeline sampling, and the history modes of paper Table 2 (Eq. 5, Alg. 1)."""
 
 import pytest
 import torch

@@ -53,7 +53,7 @@ def test_end_to_end_changes_only_lora(trained):
     assert lora and all(".lora_A." in k or ".lora_B." in k for k in lora)
     assert all(k.startswith("transformer.") for k in lora)
     assert any(v.abs().max() > 0 for k, v in lora.items() if ".lora_B." in k)  # B starts at 0: it was trained
-    # the spec's 16 module types are all adapted
+    # the paper's 16 module types (all linear layers) are all adapted
     for name in ("attn1.to_q", "attn2.to_out.0", "ffn.net.0.proj", "ffn.net.2", "proj_out",
                  "condition_embedder.time_proj", "condition_embedder.text_embedder.linear_1"):
         assert any(f".{name}.lora_A" in k for k in lora), name

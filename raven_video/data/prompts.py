@@ -1,7 +1,7 @@
 """Prompt sources and the deterministic, sharded prompt stream of RAVEN / CM-GRPO training.
 
-Spec references: §4.5 (RAVEN: prompts-only training, a seed-shuffled list, each rank its own prompt),
-§6.2 (CM-GRPO: ``sync_group_size`` consecutive ranks share one prompt stream so a group spans GPUs).
+References: docs/method.md §5 (RAVEN: prompts-only training, a seed-shuffled list, each rank its own prompt),
+Alg. 2 l.1-13 (CM-GRPO: ``sync_group_size`` consecutive ranks share one prompt stream so a group spans GPUs).
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def load_prompts(source: str, column: str = "prompt", split: str = "train") -> L
 
 
 class PromptStream:
-    """Deterministic infinite prompt iterator, sharded across processes (spec §4.5, §6.2).
+    """Deterministic infinite prompt iterator, sharded across processes (docs/method.md §5, Alg. 2 l.1-13).
 
     Ranks are split into ``world_size // sync_group_size`` sync groups of consecutive ranks
     (group ``g`` = ranks ``g * sync_group_size ... (g + 1) * sync_group_size - 1``). Every epoch the prompt
@@ -140,7 +140,7 @@ class PromptStream:
         if sync_group_size < 1 or world_size % sync_group_size != 0:
             raise ValueError(
                 f"sync_group_size={sync_group_size} must be >= 1 and divide world_size={world_size} "
-                "(a sync group of consecutive ranks shares one prompt stream, spec §6.2)."
+                "(a sync group of consecutive ranks shares one prompt stream, Alg. 2 l.1-13)."
             )
         self.num_groups = world_size // sync_group_size
         if len(prompts) < self.num_groups:

@@ -1,4 +1,4 @@
-"""Evaluation: VBench harness + score aggregation, and a quick reward eval (spec §8, rewards_eval.md).
+"""Evaluation: VBench harness + score aggregation, and a quick reward eval (docs/rewards_eval.md).
 
 Command line: ``python -m raven_video.eval --help``.
 """

@@ -2,7 +2,7 @@
 
 Examples::
 
-    # full VBench protocol (spec §8): sample, static filter, evaluate, aggregate
+    # full VBench protocol (docs/rewards_eval.md): sample, static filter, evaluate, aggregate
     python -m raven_video.eval sample --pipeline path/to/pipeline --out_dir runs/vbench --extended_prompts ext.txt
     python -m raven_video.eval static-filter --out_dir runs/vbench --raft_checkpoint ~/.cache/vbench/raft_model/models/raft-things.pth
     python -m raven_video.eval vbench --out_dir runs/vbench --dimensions subject_consistency dynamic_degree ...

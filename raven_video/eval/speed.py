@@ -1,4 +1,5 @@
-"""Compute floor of streaming generation (peers.md §4; the arithmetic of reference/flops_wan13b.py, generalised).
+"""Compute floor of streaming generation: the FLOPs of the DiT forwards and the VAE decode of one stream, and the time
+they need at a sustained matrix rate (800 TFLOP/s for an H100/H200 in bf16).
 
 ``stream_flops`` counts the dense FLOPs of exactly what :class:`~raven_video.CausalWanPipeline` runs: per chunk
 ``steps`` denoising forwards (queries = the chunk, keys = visible history + the chunk) and one cache pass for every

@@ -1,4 +1,4 @@
-"""VBench evaluation harness (spec §8): sample the prompt suite, static-filter the temporal-flickering samples, run the
+"""VBench evaluation harness (docs/rewards_eval.md): sample the prompt suite, static-filter the temporal-flickering samples, run the
 ``vbench`` package, aggregate Total / Quality / Semantic.
 
 Layout under ``out_dir``::
@@ -9,10 +9,10 @@ Layout under ``out_dir``::
     vbench_results/         VBench's *_eval_results.json
     summary.json, summary.md
 
-Sampling (spec §8.1): prompts in VBench order (the first 75 are the temporal-flickering prompts); 25 samples for
+Sampling (docs/rewards_eval.md): prompts in VBench order (the first 75 are the temporal-flickering prompts); 25 samples for
 those, 5 for the others; seed of a video = ``seed + global_index`` in that order; files written atomically; videos
 already present are skipped, so an interrupted run resumes where it stopped.
-Static filter (spec §8.2, VBench ``static_filter``): RAFT on all consecutive pairs + two wrap-around pairs, top-2 %
+Static filter (docs/rewards_eval.md, VBench ``static_filter``): RAFT on all consecutive pairs + two wrap-around pairs, top-2 %
 flow per pair, :func:`~raven_video.rewards.dynamic_degree.vbench_is_static`; the first <= 5 static candidates of each
 flicker prompt (by sample index) become ``videos/{prompt}-{0..4}.mp4``.
 """
@@ -48,7 +48,7 @@ __all__ = [
     "NUM_FLICKER_PROMPTS",
 ]
 
-DEFAULT_SEED = 20001019  # RAVEN's vbench_t2v engine (spec §8.1)
+DEFAULT_SEED = 20001019  # RAVEN's vbench_t2v engine (docs/rewards_eval.md)
 NUM_FLICKER_PROMPTS = 75
 MAX_NAME_BYTES = 250
 
@@ -109,7 +109,7 @@ def plan_vbench_samples(
     flicker_samples: int = 25,
     seed: int = DEFAULT_SEED,
 ) -> List[VideoJob]:
-    """All videos of the suite in sampling order (spec §8.1). ``extended_prompts`` (same length) condition the
+    """All videos of the suite in sampling order (docs/rewards_eval.md). ``extended_prompts`` (same length) condition the
     pipeline while the VBench ``prompts`` name the files (RAVEN uses Self-Forcing's extended prompts)."""
     if extended_prompts is not None and len(extended_prompts) != len(prompts):
         raise ValueError(f"{len(extended_prompts)} extended prompts for {len(prompts)} VBench prompts; they must match")
@@ -217,7 +217,7 @@ def run_vbench(videos_dir: str, results_dir: str, dimensions: Sequence[str], nam
                device: str = "cuda", full_info_json: Optional[str] = None, local: bool = True, **kwargs) -> str:
     """Run ``vbench.VBench(...).evaluate`` (mode ``vbench_standard``) on ``dimensions``; returns the results file.
 
-    ``local=True`` loads every model from ``$VBENCH_CACHE_DIR`` (rewards_eval.md §1.4 lists the files); VBench only
+    ``local=True`` loads every model from ``$VBENCH_CACHE_DIR``; VBench only
     downloads what is missing there.
     """
     try:

@@ -1,5 +1,5 @@
 """VBench Total / Quality / Semantic scores (Vchitect/VBench ``scripts/constant.py`` + ``cal_final_score.py``;
-spec §8.2, rewards_eval.md §1.5).
+docs/rewards_eval.md).
 
 For each dimension ``d``: ``n_d = (raw_d - Min_d) / (Max_d - Min_d) * w_d``;
 ``Quality = sum_{d in Q} n_d / sum_{d in Q} w_d`` (= / 6.5), ``Semantic = sum_{d in S} n_d / sum_{d in S} w_d``

@@ -3,12 +3,12 @@
 Every forward mode of :class:`~raven_video.models.CausalWanTransformer3DModel` is a sequence of *segments*; a segment
 is a run of latent frames of one chunk, either **noisy** (seen only by itself) or **clean** (seen by itself and by
 every later chunk). The layout alone decides RoPE positions, per-frame timesteps and the attention mask
-(spec §3.1–3.3), so masks can be built once, outside compiled code, and cached by layout (DESIGN invariant 4).
+(Eq. 5), so masks can be built once, outside compiled code, and cached by layout (DESIGN invariant 4).
 
 - bidirectional (teacher, critic): one clean segment, no mask;
 - block-causal (``causal=True``): one clean segment per chunk -> chunk c sees chunks 1..c;
 - training-time test (interleaved): ``[z_1, x_1, z_2, x_2, ..., z_N]`` -> ``z_c`` sees itself + ``x_1..x_{c-1}``,
-  ``x_c`` sees itself + ``x_1..x_{c-1}``, nobody sees another noisy segment (spec §3.2).
+  ``x_c`` sees itself + ``x_1..x_{c-1}``, nobody sees another noisy segment (Eq. 5, Figure 1(d)).
 
 Local attention window and sink (LongLive-style, for streams longer than the training length): with
 ``local_attn_size = W`` latent frames (-1 = unlimited) and ``sink_size = S``, a query in a chunk whose last frame is
@@ -46,7 +46,7 @@ class Segment:
 
 
 def chunk_sizes(num_frames: int, frames_per_block: int, first_block: int | None = None) -> list[int]:
-    """Latent frames per chunk: ``[first_block, frames_per_block, ...]`` (spec §1.5).
+    """Latent frames per chunk: ``[first_block, frames_per_block, ...]`` (docs/method.md §1.4).
 
     Raises a ``ValueError`` naming the values and the fix when ``num_frames`` does not fit the chunking.
     """
@@ -66,7 +66,7 @@ def chunk_sizes(num_frames: int, frames_per_block: int, first_block: int | None 
 
 
 def frames_fit(num_frames: int, frames_per_block: int, first_block: int | None = None, temporal_stride: int = 4) -> bool:
-    """True when ``num_frames`` pixel frames (``temporal_stride * k + 1``) fill whole chunks (spec §1.5)."""
+    """True when ``num_frames`` pixel frames (``temporal_stride * k + 1``) fill whole chunks (docs/method.md §1.4)."""
     first = frames_per_block if first_block is None else first_block
     if num_frames < 1 or (num_frames - 1) % temporal_stride:
         return False
@@ -139,7 +139,7 @@ class FrameLayout:
         local_attn_size: int = -1,
         sink_size: int = 0,
     ) -> "FrameLayout":
-        """The training-time-test sequence ``[z_1, x_1, ..., z_{N-1}, x_{N-1}, z_N]`` (spec §3.1).
+        """The training-time-test sequence ``[z_1, x_1, ..., z_{N-1}, x_{N-1}, z_N]`` (Eq. 5).
 
         Noisy and clean copies of chunk c share RoPE positions; the last chunk has no clean copy.
         """

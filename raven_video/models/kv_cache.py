@@ -1,4 +1,4 @@
-"""Preallocated per-layer KV cache for chunk-by-chunk streaming (spec §2, Appendix B.1).
+"""Preallocated per-layer KV cache for chunk-by-chunk streaming (docs/method.md §2, Alg. 1 l.1-10).
 
 Stored keys are post-RMSNorm, post-RoPE (so their order in the buffer does not matter: attention is permutation
 invariant over keys). Buffers are allocated once and written by position, which makes writes idempotent (re-running

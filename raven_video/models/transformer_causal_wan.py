@@ -2,7 +2,7 @@
 
 ``CausalWanTransformer3DModel`` subclasses diffusers' ``WanTransformer3DModel`` and adds no parameter, so every
 Wan2.1 T2V diffusers checkpoint loads with identical keys. Causality is only an attention pattern, a RoPE frame
-offset and per-frame timesteps (spec §2):
+offset and per-frame timesteps (docs/method.md §2):
 
 ============================  =====================================================================================
 mode                          call
@@ -10,7 +10,7 @@ mode                          call
 bidirectional (teacher/critic) ``model(x, t, text)`` -- numerically identical to ``WanTransformer3DModel``
 block-causal full sequence    ``model(x, t_per_frame, text, causal=True)``
 streaming (KV cache)          ``model(chunk, t, text, kv_cache=cache, frame_offset=f0, update_cache=...)``
-training-time test            ``model.forward_interleaved(noisy, clean, t, text)`` -- ``[z1, x1, ..., zN]`` (§3)
+training-time test            ``model.forward_interleaved(noisy, clean, t, text)`` -- ``[z1, x1, ..., zN]`` (Eq. 5)
 ============================  =====================================================================================
 
 Masks, caches and offsets are forward arguments handed to every block explicitly (DESIGN invariant 4): attention
@@ -241,7 +241,7 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
     the chunking and the attention window.
 
     Args:
-        num_frames_per_block (`int`, defaults to 3): latent frames per chunk (spec §1.5).
+        num_frames_per_block (`int`, defaults to 3): latent frames per chunk (docs/method.md §1.4).
         num_frames_first_block (`int`, *optional*): latent frames of the first chunk; ``None`` = ``num_frames_per_block``.
         local_attn_size (`int`, defaults to -1): attention window in latent frames, including the current chunk and the
             sink (-1 = unlimited history). For streams longer than training; RoPE positions stop at
@@ -379,7 +379,7 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
     _ROTARY_CACHE_SIZE = 64
 
     def _rotary(self, positions: list[int], pph: int, ppw: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE tables ``[1, F*pph*ppw, 1, head_dim]`` for arbitrary temporal positions (spec §2: frame offsets).
+        """RoPE tables ``[1, F*pph*ppw, 1, head_dim]`` for arbitrary temporal positions (docs/method.md §2: frame offsets).
 
         Cached per (positions, grid, device, table version): a streaming forward then launches no table kernels and
         copies nothing from the host, which CUDA-graph capture needs (`enable_realtime(cuda_graphs=True)`).
@@ -530,7 +530,7 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
                 chunk ``config.num_frames_first_block``), honouring ``local_attn_size`` / ``sink_size``.
             frame_offset (`int`): RoPE temporal index of the first frame (streaming: the chunk's first frame).
             kv_cache (`WanKVCache`): streaming mode; the chunk attends to the visible cached history + itself.
-            update_cache (`bool`): write this chunk's K/V into the cache (the clean-endpoint pass at t=0, spec §2).
+            update_cache (`bool`): write this chunk's K/V into the cache (the clean-endpoint pass at t=0, docs/method.md §2).
             mask_backend (`str`): ``"auto"`` (flex on CUDA, SDPA bool mask otherwise), ``"flex"`` or ``"sdpa"``.
 
         Returns:
@@ -571,7 +571,7 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         attention_kwargs: dict[str, Any] | None = None,
         mask_backend: str = "auto",
     ) -> torch.Tensor:
-        r"""Training-time-test forward on ``[z_1, x_1, z_2, x_2, ..., z_N]`` (spec §3.1–3.3).
+        r"""Training-time-test forward on ``[z_1, x_1, z_2, x_2, ..., z_N]`` (Eq. 5).
 
         Args:
             noisy_latents (`torch.Tensor` of shape `(B, C, F, H, W)`): the noisy state of every chunk (``z_c^u``).
@@ -583,7 +583,7 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
 
         Returns:
             `torch.Tensor` of shape `(B, C, F, H, W)`: the flow prediction for the noisy chunks, in video order. With
-            gradients enabled, later-chunk losses reach the clean copies' activations (spec §3.5).
+            gradients enabled, later-chunk losses reach the clean copies' activations (docs/method.md §3.3).
         """
         if noisy_latents.shape != clean_latents.shape:
             raise ValueError(

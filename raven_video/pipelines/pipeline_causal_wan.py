@@ -485,7 +485,7 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
 
     # ------------------------------------------------------------------ save / load (Hub layout)
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """``DiffusionPipeline.save_pretrained`` + the Hub layout (``trust_remote_code`` shims, diffusers_notes §4)."""
+        """``DiffusionPipeline.save_pretrained`` + the Hub layout (``trust_remote_code`` shims)."""
         super().save_pretrained(save_directory, *args, **kwargs)
         hub.write_hub_layout(save_directory)
 

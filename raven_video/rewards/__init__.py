@@ -1,4 +1,4 @@
-"""Video rewards for CM-GRPO and evaluation (spec §7, rewards_eval.md).
+"""Video rewards for CM-GRPO and evaluation (docs/rewards_eval.md).
 
 One interface for all rewards: ``reward(videos, prompts=None, fps=16.0) -> {field: tensor[B]}`` with ``videos`` a
 ``[B, F, 3, H, W]`` tensor, float in [-1, 1] or uint8 (see :mod:`raven_video.rewards.base`). Models are built lazily

@@ -1,4 +1,4 @@
-"""Make PyPI's torchvision importable on a CPU-only torch (rewards_eval.md §0).
+"""Make PyPI's torchvision importable on a CPU-only torch.
 
 PyPI ships torchvision only as a CUDA build: its ``_C.so`` links ``libtorch_cuda.so``, so on the CPU torch of the
 development/CI machines ``import torchvision`` dies with ``RuntimeError: operator torchvision::nms does not exist``

@@ -1,5 +1,5 @@
-"""Aesthetic quality: OpenAI CLIP ViT-L/14 + LAION linear head, VBench semantics (spec §7 ``aq_AES``,
-rewards_eval.md §1.7, §2.3).
+"""Aesthetic quality: OpenAI CLIP ViT-L/14 + LAION linear head, VBench semantics
+(docs/rewards_eval.md ``aq_AES``).
 
 Per video ``[F, 3, H, W]`` uint8, all frames:
 

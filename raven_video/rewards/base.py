@@ -5,7 +5,7 @@ Video layout (one convention for all rewards)
 ``videos``: ``torch.Tensor`` of shape ``[B, F, C, H, W]`` with ``C == 3`` (RGB), either
 
 * floating point in ``[-1, 1]`` (what the VAE decodes to; converted to uint8 with ``round((x + 1) * 127.5)``
-  exactly as RAVEN's ``base_reward_model.py`` does, spec §7), or
+  exactly as RAVEN's ``base_reward_model.py`` does, docs/rewards_eval.md), or
 * ``torch.uint8`` in ``[0, 255]``.
 
 A numpy pipeline output ``[B, F, H, W, 3]`` float in ``[0, 1]`` (diffusers ``output_type="np"``) is converted with
@@ -92,7 +92,7 @@ def to_uint8_videos(videos: VideoBatch, min_frames: int = 1, name: str = "reward
             f"{name}: float videos must lie in [-1, 1], got min {lo:.3f}, max {hi:.3f}. "
             "Convert [0, 1] frames with 2 * x - 1, or pass uint8 [0, 255] frames."
         )
-    # spec §7: round((x + 1) * 127.5), clamp, uint8
+    # docs/rewards_eval.md: round((x + 1) * 127.5), clamp, uint8
     return ((videos.float() + 1.0) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
 
 

@@ -1,4 +1,4 @@
-"""Weighted combination of reward fields for CM-GRPO (spec §6.3).
+"""Weighted combination of reward fields for CM-GRPO (Alg. 2 l.14-20).
 
 ``normalize_then_sum`` (RAVEN's ``select_reward_scores``): for each weighted field ``f``, z-score it within each group
 (the rollouts of one prompt; by default the whole batch is one group) with the *population* std,
@@ -51,7 +51,7 @@ REWARD_FIELDS: Dict[str, tuple] = {
 }
 _FIELD_TO_REWARD = {field: reward for reward, fields in REWARD_FIELDS.items() for field in fields}
 
-#: RAVEN config keys (spec §6.2) -> our field names.
+#: RAVEN config keys (Alg. 2 l.1-13) -> our field names.
 FIELD_ALIASES = {
     "raft_RAFT": "dynamic_degree",
     "videoalign_TA": "text_alignment",
@@ -141,7 +141,7 @@ def parse_reward_weights(spec: Union[str, Mapping[str, float]]) -> Dict[str, flo
 
 
 def normalize_per_group(values: torch.Tensor, group_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Spec §6.3 z-score within groups: ``(R - mean) / (max(std_pop, 1e-4) + 1e-5)``. ``values``: ``[B]``."""
+    """Alg. 2 l.14-20 z-score within groups: ``(R - mean) / (max(std_pop, 1e-4) + 1e-5)``. ``values``: ``[B]``."""
     values = values.double()
     if group_ids is None:
         group_ids = torch.zeros(values.shape[0], dtype=torch.long)
@@ -203,7 +203,7 @@ def build_reward(name: str, checkpoints: Optional[Mapping[str, object]] = None, 
 
 
 def checkpoints_from_vbench_cache(cache_dir: str) -> Dict[str, object]:
-    """Checkpoint specs for the four VBench rewards from a ``$VBENCH_CACHE_DIR`` (rewards_eval.md §1.4 layout)."""
+    """Checkpoint specs for the four VBench rewards from a ``$VBENCH_CACHE_DIR``."""
     import os
 
     return {
@@ -278,7 +278,7 @@ class RewardComposer:
         return out
 
     def aggregate(self, scores: Mapping[str, torch.Tensor], group_ids: Optional[Sequence[int]] = None) -> torch.Tensor:
-        """Combine weighted fields (spec §6.3). ``scores``: ``{field: [B]}``; ``group_ids``: ``[B]`` prompt groups."""
+        """Combine weighted fields (Alg. 2 l.14-20). ``scores``: ``{field: [B]}``; ``group_ids``: ``[B]`` prompt groups."""
         missing = [f for f in self.weights if f not in scores]
         if missing:
             raise ValueError(f"scores lack weighted field(s) {missing}; available: {sorted(scores)}")

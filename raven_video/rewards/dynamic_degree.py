@@ -1,4 +1,4 @@
-"""Dynamic degree: RAFT optical-flow magnitude, VBench preprocessing (spec §7 ``raft_RAFT``, rewards_eval.md §1.7, §2.1).
+"""Dynamic degree: RAFT optical-flow magnitude, VBench preprocessing (docs/rewards_eval.md ``raft_RAFT``).
 
 Per video ``[F, 3, H, W]`` uint8 at ``fps`` (16 for Wan):
 
@@ -109,7 +109,7 @@ def build_raft_large(checkpoint: Optional[str] = None, allow_pickle: bool = Fals
 
 def farneback_flow(img1: torch.Tensor, img2: torch.Tensor) -> torch.Tensor:
     """Weight-free classical optical flow (OpenCV Farneback, pyramid 0.5/3 levels, window 15, 3 iterations, poly 5/1.2;
-    rewards_eval.md §4-5: recovers synthetic pan speeds). ``img*``: uint8 ``[N, 3, H, W]`` -> ``[N, 2, H, W]``."""
+    tested to recover synthetic pan speeds). ``img*``: uint8 ``[N, 3, H, W]`` -> ``[N, 2, H, W]``."""
     import cv2
     import numpy as np
 
@@ -239,7 +239,7 @@ class DynamicDegreeReward(VideoReward):
 
 
 def vbench_is_static(pair_scores: Sequence[float], num_frames: int, min_side: int) -> bool:
-    """VBench ``static_filter`` decision (``vbench/cli/static_filter.py``, spec §8.2, rewards_eval.md §1.6).
+    """VBench ``static_filter`` decision (``vbench/cli/static_filter.py``, docs/rewards_eval.md).
 
     ``pair_scores``: top-2 % flow magnitudes of the ``num_frames - 1`` consecutive pairs followed by the two
     wrap-around pairs (first->last, last->first). Static iff no more than ``round(2 * T / 16)`` regular pairs exceed

@@ -1,5 +1,5 @@
-"""Imaging quality: MUSIQ (SPAQ) from pyiqa, VBench ``longer`` preprocessing (spec §7 ``iq_IMG``,
-rewards_eval.md §1.7, §2.4).
+"""Imaging quality: MUSIQ (SPAQ) from pyiqa, VBench ``longer`` preprocessing
+(docs/rewards_eval.md ``iq_IMG``).
 
 Per video ``[F, 3, H, W]`` uint8, all frames:
 

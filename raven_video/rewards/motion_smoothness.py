@@ -1,5 +1,5 @@
-"""Motion smoothness: AMT-S frame interpolation of the dropped frames, VBench semantics (spec §7 ``ms_MS``,
-rewards_eval.md §1.7, §2.2).
+"""Motion smoothness: AMT-S frame interpolation of the dropped frames, VBench semantics
+(docs/rewards_eval.md ``ms_MS``).
 
 Per video ``[F, 3, H, W]`` uint8 (all frames, native resolution):
 
@@ -11,8 +11,7 @@ Per video ``[F, 3, H, W]`` uint8 (all frames, native resolution):
    prediction.
 
 The network is the AMT-S ``Model`` that ships in the ``vbench`` package (``vbench.third_party.amt.networks.AMT-S``;
-the only AMT implementation on PyPI; we depend on it instead of copying it: the AMT code's license is unclear,
-rewards_eval.md §2.2). Weights: the official ``amt-s.pth`` (``{'state_dict': ...}``).
+the only AMT implementation on PyPI; we depend on it instead of copying it: the AMT code's license is unclear). Weights: the official ``amt-s.pth`` (``{'state_dict': ...}``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Weight-free proxy rewards for CPU work, CI and small experiments (rewards_eval.md §5).
+"""Weight-free proxy rewards for CPU work, CI and small experiments.
 
 All take uint8 ``[B, F, 3, H, W]`` through the common :class:`~raven_video.rewards.base.VideoReward` interface and
 run batched in plain torch on any device (hand-written because they are a few tensor ops each; no library computes

@@ -1,5 +1,5 @@
-"""Text alignment: VideoAlign / VideoReward (Qwen2-VL-2B + LoRA + reward head) on transformers (spec §7
-``videoalign_TA``, rewards_eval.md §2.5).
+"""Text alignment: VideoAlign / VideoReward (Qwen2-VL-2B + LoRA + reward head) on transformers (docs/rewards_eval.md
+``videoalign_TA``).
 
 Per video ``[F, 3, H, W]`` uint8 at ``fps`` and its prompt:
 
@@ -54,7 +54,7 @@ __all__ = [
 ]
 
 REWARD_TOKENS = ("<|VQ_reward|>", "<|MQ_reward|>", "<|TA_reward|>")
-#: (mean, std) per head, VideoAlign's ``inference_config`` (spec §7).
+#: (mean, std) per head, VideoAlign's ``inference_config`` (docs/rewards_eval.md).
 VIDEOALIGN_NORM = {"VQ": (3.6757, 2.2476), "MQ": (1.1646, 1.3811), "TA": (2.8105, 2.5121)}
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

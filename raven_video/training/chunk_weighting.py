@@ -1,15 +1,15 @@
-"""Chunk-wise loss weighting of RAVEN (spec §5).
+"""Chunk-wise loss weighting of RAVEN (docs/method.md §3.5).
 
 A per-element loss map of a video (DMD surrogate, CM-GRPO regression, KL) is split into its causal chunks
 along the latent-frame axis; chunk ``c`` gets a weight ``w_c`` that depends only on the chunk sizes and the
 weighting function, normalised so that the element-weighted mean weight is 1. The loss is then the
 weighted sum divided by the (global) weighted element count.
 
-Weighting functions (spec §5 step 3), with participation ``p_c = sum_{k >= c} n_k / sum_k n_k``:
+Weighting functions (docs/method.md §3.5), with participation ``p_c = sum_{k >= c} n_k / sum_k n_k``:
 
 * ``alpha > 0`` ("shift"): ``omega_c = alpha p_c / (1 + (alpha - 1) p_c)`` -- early chunks weigh more;
 * ``alpha < 0``: ``rho_c = p_N / p_c``, ``a = -alpha``, ``omega_c = a rho_c / (1 + (a - 1) rho_c)`` -- LATER
-  chunks weigh more (RAVEN uses ``alpha = -1``: the last of 7 equal chunks weighs 7x the first, §10.3);
+  chunks weigh more (RAVEN uses ``alpha = -1``: the last of 7 equal chunks weighs 7x the first, docs/method.md §5);
 * ``alpha = 0`` or ``"uniform"``: all ones;
 * ``"ln_<m>_<s>"``: mean logit-normal(m, s) density over ``[p_{c+1}, p_c]``;
 * ``"mode_<s>"``: mean density of SD3's mode sampling ``f(tau) = 1 - tau - s (cos^2(pi tau / 2) - 1 + tau)``
@@ -44,7 +44,7 @@ _MODE_SCALE_RANGE = (-1.0, 1.0 / (math.pi / 2 - 1.0))
 
 @dataclass(frozen=True)
 class ChunkWeighting:
-    """A parsed chunk-weighting function (spec §5 step 3).
+    """A parsed chunk-weighting function (docs/method.md §3.5).
 
     Attributes:
         kind: ``"shift"`` (a number alpha; 0 means uniform), ``"uniform"``, ``"logit_normal"`` or ``"mode"``.
@@ -69,7 +69,7 @@ def _bad(value, why: str = "") -> ValueError:
 
 
 def parse_chunk_weighting(spec: Union[str, float, int, ChunkWeighting]) -> ChunkWeighting:
-    """Parse ``--chunk_weighting`` (spec §5): a number, ``"uniform"``, ``"mode_<s>"`` or ``"ln_<m>_<s>"``.
+    """Parse ``--chunk_weighting`` (docs/method.md §3.5): a number, ``"uniform"``, ``"mode_<s>"`` or ``"ln_<m>_<s>"``.
 
     Numbers may be given as strings, including negative ones (``"-1"``, ``"-0.5"``, ``"2"``, ``"0"``).
     ``mode_0.81``, ``mode_-0.54`` and ``mode_0_81`` (= 0.81) are accepted like the reference.
@@ -126,7 +126,7 @@ def parse_chunk_weighting(spec: Union[str, float, int, ChunkWeighting]) -> Chunk
 
 
 def _participation(sizes: torch.Tensor) -> torch.Tensor:
-    """``p_c = sum_{k >= c} n_k / sum_k n_k``, float64 ``[N]`` (spec §5 step 2)."""
+    """``p_c = sum_{k >= c} n_k / sum_k n_k``, float64 ``[N]`` (docs/method.md §3.5)."""
     tail = torch.flip(torch.cumsum(torch.flip(sizes, dims=[0]), dim=0), dims=[0])
     return tail / tail[0]
 
@@ -148,7 +148,7 @@ def _mode_inverse(p: torch.Tensor, s: float, iterations: int = 32) -> torch.Tens
 
 
 def _raw_weights(p: torch.Tensor, weighting: ChunkWeighting) -> torch.Tensor:
-    """Unnormalised ``omega_c`` of spec §5 step 3."""
+    """Unnormalised ``omega_c`` of docs/method.md §3.5."""
     if weighting.kind == "uniform" or (weighting.kind == "shift" and weighting.alpha == 0):
         return torch.ones_like(p)
     if weighting.kind == "shift":
@@ -176,11 +176,11 @@ def _raw_weights(p: torch.Tensor, weighting: ChunkWeighting) -> torch.Tensor:
 def chunk_weights(
     chunk_sizes: Sequence[int], weighting: Union[str, float, ChunkWeighting]
 ) -> torch.Tensor:
-    """Normalised chunk weights ``w_c`` (spec §5 steps 2-4), float64 ``[N]``.
+    """Normalised chunk weights ``w_c`` (docs/method.md §3.5), float64 ``[N]``.
 
     Args:
         chunk_sizes: ``n_c`` per chunk, in elements or in latent frames (only ratios matter; the first chunk
-            may differ in size, spec §1.5).
+            may differ in size, docs/method.md §1.4).
         weighting: anything ``parse_chunk_weighting`` accepts.
     Returns:
         ``w_c = omega_c * sum(n) / sum(omega_c n_c)``, so ``sum(w_c n_c) == sum(n_c)``.
@@ -225,7 +225,7 @@ def chunk_weighted_count(
     weighting: Union[str, float, ChunkWeighting],
     frame_dim: int = 2,
 ) -> torch.Tensor:
-    """Local denominator ``sum_samples sum_c w_c n_c`` of spec §5 step 5, float64 scalar.
+    """Local denominator ``sum_samples sum_c w_c n_c`` of docs/method.md §3.5, float64 scalar.
 
     All-reduce (sum) it across processes and pass it as ``global_weighted_count`` to
     ``chunk_weighted_loss`` for the exact reference reduction. (Because the weights are normalised it equals
@@ -244,7 +244,7 @@ def chunk_weighted_loss(
     world_size: int = 1,
     frame_dim: int = 2,
 ) -> torch.Tensor:
-    """Chunk-weighted reduction of a per-element loss map (spec §5 step 5).
+    """Chunk-weighted reduction of a per-element loss map (docs/method.md §3.5).
 
     ``loss = sum_b sum_c w_c L_{b,c} / D * world_size`` with ``L_{b,c}`` the sum of ``per_element`` over chunk
     ``c`` of sample ``b`` and ``D = sum_{ranks} sum_b sum_c w_c n_c``. With gradient averaging across

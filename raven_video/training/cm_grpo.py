@@ -1,11 +1,11 @@
-"""CM-GRPO: group advantages and transition-kernel regression losses (spec §1.4, §6.3-6.5, §10.8-10.9).
+"""CM-GRPO: group advantages and transition-kernel regression losses (Eq. 6-10, Alg. 2 l.14-20).
 
-The policy is the few-step consistency sampler itself (spec §1.4): from ``z_t`` the model predicts
+The policy is the few-step consistency sampler itself (Eq. 6): from ``z_t`` the model predicts
 ``x0 = z_t - sigma_t v``, and the next state is ``z_s = (1 - sigma_s) x0 + sigma_s eps'``, i.e. the Gaussian
 kernel ``pi(z_s | z_t) = N(mu = (1 - sigma_s) x0, sigma_s^2 I)``. The policy gradient
 ``-A grad log pi(z_s | z_t)`` is obtained as the gradient of a per-element regression
 ``(x0 - sg(target))^2`` whose target is shifted by half the desired step, so the loss plugs into the same
-chunk-weighted reduction as the DMD loss (spec §5).
+chunk-weighted reduction as the DMD loss (docs/method.md §3.5).
 
 Tensors are ``[B, C, F, H, W]`` (any ``[B, ...]`` works); per-sample scalars (``sigma``, ``advantage``) are
 ``[B]`` tensors or floats.
@@ -37,7 +37,7 @@ Scalar = Union[float, torch.Tensor]
 
 
 # ----------------------------------------------------------------------------------------------------------
-# advantages (spec §6.3)
+# advantages (Alg. 2 l.14-20)
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -45,7 +45,7 @@ def prompt_group_id(prompt: str) -> int:
     """Stable 63-bit id of a prompt (first 8 bytes of its UTF-8 SHA-256, shifted right by 1).
 
     Identical on every process and every run (unlike Python's salted ``hash``), fits in an int64 tensor.
-    Rollouts with the same id form one advantage group (spec §6.3: the reference keys groups by prompt).
+    Rollouts with the same id form one advantage group (Alg. 2 l.14-20: the reference keys groups by prompt).
     """
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a str, got {type(prompt).__name__}.")
@@ -60,7 +60,7 @@ def group_advantages(
     std_floor: float = 1e-4,
     eps: float = 1e-5,
 ) -> torch.Tensor:
-    """Per-group z-scored advantages (spec §6.3, ``PerPromptStatTracker`` with no history, §10.8).
+    """Per-group z-scored advantages (Alg. 2 l.14-20, ``PerPromptStatTracker`` with no history, docs/method.md §5).
 
     ``A_i = (r_i - mean_g) / (max(std_g, std_floor) + eps)`` with the population std (``unbiased=False``) of
     the group ``g`` of rollout ``i``, then clipped to ``[-clip, clip]`` (``adv_clip_max = 5``). A group whose
@@ -104,7 +104,7 @@ def gather_group_advantages(
     eps: float = 1e-5,
     process_group=None,
 ) -> torch.Tensor:
-    """Advantages with group statistics over ALL processes (spec §6.3, B.3 step 2); returns the local slice.
+    """Advantages with group statistics over ALL processes (Alg. 2 l.14-20); returns the local slice.
 
     All-gathers ``(rewards, group_ids)`` from every rank of ``process_group`` (works with gloo and NCCL; the
     local counts may differ), calls ``group_advantages`` on the concatenation in rank order and returns this
@@ -147,7 +147,7 @@ def gather_group_advantages(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Gaussian kernels and losses (spec §1.4, §6.5)
+# Gaussian kernels and losses (Eq. 6, Eq. 9)
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -160,7 +160,7 @@ def _check_sigma_next(sigma_next: torch.Tensor) -> None:
         raise ValueError(
             f"sigma_next must lie in (0, 1), got {sigma_next.flatten().tolist()}: at sigma_next = 0 the consistency "
             "kernel N((1 - sigma) x0, sigma^2 I) is degenerate and its log-likelihood gradient explodes "
-            "(spec §10.9). Train only the first K - skip_timesteps transitions (--skip_timesteps >= 1)."
+            "(docs/method.md §5). Train only the first K - skip_timesteps transitions (--skip_timesteps >= 1)."
         )
 
 
@@ -175,21 +175,21 @@ def gaussian_log_prob(z: torch.Tensor, mean: torch.Tensor, std: Scalar) -> torch
     z64, mean64 = z.double(), mean.double()
     std64 = _f64(std, z64) if not (torch.is_tensor(std) and std.dim() > 1) else std.double()
     if (std64 <= 0).any():
-        raise ValueError("std must be > 0 for a Gaussian log-density (spec §10.9: never train sigma_next = 0).")
+        raise ValueError("std must be > 0 for a Gaussian log-density (docs/method.md §5: never train sigma_next = 0).")
     log_density = -((z64 - mean64) ** 2) / (2 * std64**2) - torch.log(std64) - 0.5 * math.log(2 * math.pi)
     log_density = log_density.expand_as(z64)
     return log_density.flatten(1).sum(dim=1)
 
 
 def consistency_kernel_mean(x0_pred: torch.Tensor, sigma_next: Scalar) -> torch.Tensor:
-    """Mean ``mu = (1 - sigma_s) x0`` of the consistency kernel (spec §1.4); its std is ``sigma_s``."""
+    """Mean ``mu = (1 - sigma_s) x0`` of the consistency kernel (Eq. 6); its std is ``sigma_s``."""
     return (1 - _f64(sigma_next, x0_pred)) * x0_pred.double()
 
 
 def consistency_kernel_loss(
     x0_pred: torch.Tensor, z_next: torch.Tensor, sigma_next: Scalar, advantage: Scalar
 ) -> torch.Tensor:
-    """CM-GRPO per-element regression of spec §6.5 (float64 map, to be chunk-weighted with alpha = -1).
+    """CM-GRPO per-element regression of Eq. 9 (float64 map, to be chunk-weighted with alpha = -1).
 
     ``mu = (1 - sigma_s) sg(x0)``, ``target = sg(x0) + A (1 - sigma_s) / (2 sigma_s^2) (z_s - mu)``,
     ``loss = (x0 - target)^2``. Its gradient w.r.t. ``x0`` is
@@ -215,7 +215,7 @@ def consistency_kernel_loss(
 
 
 def kl_to_reference_loss(x0_pred: torch.Tensor, x0_ref: torch.Tensor, sigma_next: Scalar) -> torch.Tensor:
-    """KL regulariser of spec §6.5 (eq. 10), float64 per-element map (chunk-weighted, scaled by beta).
+    """KL regulariser of Eq. 10, float64 per-element map (chunk-weighted, scaled by beta).
 
     ``mu = (1 - sigma_s) x0``, ``mu_ref = (1 - sigma_s) x0_ref``,
     ``delta_KL = 0.5 (1 - sigma_s)(mu - mu_ref) / sigma_s^2`` (detached), ``loss = (x0 - (sg(x0) - delta_KL))^2``.

@@ -1,15 +1,15 @@
-"""One CM-GRPO step (spec §6, Appendix B.3) on a LoRA policy, split into small testable functions.
+"""One CM-GRPO step (Alg. 2) on a LoRA policy, split into small testable functions.
 
     group rollouts (no grad, trajectory kept)  ->  VAE decode  ->  rewards  ->  group advantages (all ranks)
         ->  one random transition per rollout  ->  transition-kernel regression (micro-batched)  ->  AdamW  ->  EMA
 
-* :func:`lora_config` / :data:`DEFAULT_LORA_TARGET_MODULES`  spec §6.1: r = alpha = 256 on the 16 module types.
+* :func:`lora_config` / :data:`DEFAULT_LORA_TARGET_MODULES`  docs/method.md §4.1: r = alpha = 256 on the 16 module types.
 * :class:`EulerMaruyamaScheduler`  Flow-GRPO's SDE sampler as a drop-in scheduler, so the baseline policy's rollouts
   are sampled *with the kernel whose likelihood is trained* (on-kernel policy gradient).
-* :func:`group_rollouts`   spec §6.2: ``group_size`` rollouts of one prompt in calls of ``groups_per_infer``.
+* :func:`group_rollouts`   Alg. 2 l.1-13: ``group_size`` rollouts of one prompt in calls of ``groups_per_infer``.
 * :func:`decode_videos`    endpoints -> ``[B, F, 3, H, W]`` in [-1, 1] (what the rewards take).
-* :func:`policy_loss`      spec §6.4-6.5: interleaved forward at ``t_k``, kernel regression, chunk weighting, optional
-  KL to the reference (the base model with the adapters disabled, spec eq. 10).
+* :func:`policy_loss`      Alg. 2 l.22; Eq. 9: interleaved forward at ``t_k``, kernel regression, chunk weighting, optional
+  KL to the reference (the base model with the adapters disabled, Eq. 10).
 * :func:`cm_grpo_step`     the whole step; returns a flat dict of logs.
 
 All randomness of a step comes from one CPU ``torch.Generator`` seeded per step and rank by the caller, so a resumed run
@@ -51,7 +51,7 @@ __all__ = [
     "cm_grpo_step",
 ]
 
-#: Spec §6.1 (G:178-189) LoRA targets in diffusers names: ``text_embedding.0/.2, time_embedding.0/.2,
+#: docs/method.md §4.1 LoRA targets in diffusers names: ``text_embedding.0/.2, time_embedding.0/.2,
 #: time_projection.1, self_attn.{q,k,v,o}, cross_attn.{q,k,v,o}, ffn.0, ffn.2, head.head`` (16 module types).
 DEFAULT_LORA_TARGET_MODULES = (
     "condition_embedder.text_embedder.linear_1",
@@ -70,7 +70,7 @@ POLICY_KERNELS = ("consistency", "euler_maruyama")
 
 def lora_config(rank: int = 256, alpha: float = 256.0, target_modules: Sequence[str] = DEFAULT_LORA_TARGET_MODULES,
                 dropout: float = 0.0):
-    """peft ``LoraConfig`` of spec §6.1: PEFT defaults (B = 0 init, so the policy starts exactly at the base model)."""
+    """peft ``LoraConfig`` of docs/method.md §4.1: PEFT defaults (B = 0 init, so the policy starts exactly at the base model)."""
     from peft import LoraConfig
 
     if rank < 1:
@@ -88,17 +88,17 @@ def lora_parameter_names(model: torch.nn.Module) -> List[str]:
 
 @dataclass
 class CMGRPOConfig:
-    """Hyper-parameters of one step (defaults = Appendix A, CM-GRPO column; unguided rollouts per §10.1)."""
+    """Hyper-parameters of one step (defaults: the reference code's recipe, unguided rollouts; docs/method.md §5)."""
 
     timesteps: tuple = DEFAULT_TIMESTEPS
-    group_size: int = 4  # rollouts of the prompt on this process (spec §6.2)
+    group_size: int = 4  # rollouts of the prompt on this process (Alg. 2 l.1-13)
     groups_per_infer: int = 4  # rollouts per inference call
     policy_kernel: str = "consistency"
     noise_level: float = 0.7  # Euler-Maruyama kernel only (Flow-GRPO default)
-    skip_timesteps: int = 1  # §6.4, §10.9
-    chunk_weighting: str = "-1"  # §5, alpha = -1 on policy (and KL) losses
+    skip_timesteps: int = 1  # Alg. 2 l.22, docs/method.md §5
+    chunk_weighting: str = "-1"  # docs/method.md §3.5, alpha = -1 on policy (and KL) losses
     policy_loss_scaling: float = 100.0
-    beta: float = 0.0  # KL weight (spec eq. 10); 0 in the paper recipe
+    beta: float = 0.0  # KL weight (Eq. 10); 0 in the paper recipe
     adv_clip_max: float = 5.0
     slices_per_step: int = 2  # rollouts per forward/backward (micro-batch)
     rollout_guidance_scale: float = 1.0
@@ -117,12 +117,12 @@ class CMGRPOConfig:
                              "(Flow-GRPO: 0.7), else its kernel is deterministic and has no likelihood.")
         if self.beta < 0:
             raise ValueError(f"beta={self.beta} must be >= 0.")
-        # the trained transitions k < K - skip_timesteps must have sigma_next > 0 (spec §10.9)
+        # the trained transitions k < K - skip_timesteps must have sigma_next > 0 (docs/method.md §5)
         check_policy_steps(len(self.timesteps), self.skip_timesteps)
 
 
 def rollout_scheduler(config: CMGRPOConfig):
-    """The sampler of the policy: consistency (spec §1.4) or Euler-Maruyama (Flow-GRPO baseline)."""
+    """The sampler of the policy: consistency (Eq. 6) or Euler-Maruyama (Flow-GRPO baseline)."""
     if config.policy_kernel == "euler_maruyama":
         return EulerMaruyamaScheduler(shift=DEFAULT_SHIFT, noise_level=config.noise_level)
     return FlowMatchLCMScheduler(shift=DEFAULT_SHIFT)
@@ -132,7 +132,7 @@ def rollout_scheduler(config: CMGRPOConfig):
 @torch.no_grad()
 def group_rollouts(transformer, text: torch.Tensor, latent_shape, config: CMGRPOConfig, generator: torch.Generator,
                    negative_text: Optional[torch.Tensor] = None) -> Rollout:
-    """``group_size`` rollouts of one prompt (independent noise), ``groups_per_infer`` per call (spec §6.2, B.3 step 1).
+    """``group_size`` rollouts of one prompt (independent noise), ``groups_per_infer`` per call (Alg. 2 l.1-13).
 
     Args:
         text: ``[1, L, D]`` (or ``[group_size, L, D]``) embeddings of the prompt; negative_text likewise.
@@ -162,7 +162,7 @@ def group_rollouts(transformer, text: torch.Tensor, latent_shape, config: CMGRPO
 @torch.no_grad()
 def decode_videos(vae, latents: torch.Tensor, batch_size: int = 1) -> torch.Tensor:
     """Normalised latents ``[B, C, F, H, W]`` -> videos ``[B, F_px, 3, H_px, W_px]`` float32 clamped to [-1, 1]
-    (the reward input, spec §6.2), decoded ``batch_size`` videos at a time."""
+    (the reward input, Alg. 2 l.1-13), decoded ``batch_size`` videos at a time."""
     from ..pipelines.vae_streaming import denormalize_wan_latents
 
     out = []
@@ -190,11 +190,11 @@ def policy_loss(
     frames_per_chunk,
     reference: Optional[Callable] = None,
 ) -> tuple:
-    """Transition-kernel regression of spec §6.5 for a slice of rollouts (B.3 step 3).
+    """Transition-kernel regression of Eq. 9 for a slice of rollouts (Alg. 2 l.21-31).
 
     The interleaved forward on ``[trajectory[k]_c, X_c, ...]`` at ``t_k`` (no CFG) gives ``x̂0``; the realised next
     state is ``trajectory[k + 1]``; the per-element loss has gradient ``-A grad_x0 log pi(z_s | z_t)`` for the
-    chosen kernel; chunk-weighted (spec §5) and scaled by ``policy_loss_scaling``. With ``beta > 0`` the KL to the
+    chosen kernel; chunk-weighted (docs/method.md §3.5) and scaled by ``policy_loss_scaling``. With ``beta > 0`` the KL to the
     reference consistency model (``reference(rollout, k, text) -> x0_ref``, under no_grad) is added, same weighting.
 
     Args:
@@ -242,7 +242,7 @@ def policy_loss(
 
 
 def adapters_disabled_reference(transformer) -> Callable:
-    """The reference consistency model of spec eq. 10 = the base model: the same module with its LoRA adapters
+    """The reference consistency model of Eq. 10 = the base model: the same module with its LoRA adapters
     disabled (peft), so no second copy of the weights is kept."""
 
     def reference(rollout: Rollout, step_index: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -287,7 +287,7 @@ def cm_grpo_step(
     generator: torch.Generator,
     rewards_hook: Optional[Callable] = None,
 ) -> dict:
-    """One CM-GRPO step on this process (spec Appendix B.3). ``text``: ``[1, L, D]`` of ``prompt``; ``latent_shape``:
+    """One CM-GRPO step on this process (Alg. 2). ``text``: ``[1, L, D]`` of ``prompt``; ``latent_shape``:
     ``(C, F, H, W)``. Returns a flat dict: per-field reward means ``reward_<field>``, ``reward_total``, advantages,
     losses, ``grad_norm``, ``skipped``, and ``time_{rollout,decode,reward,policy}`` in seconds."""
     logs: dict = {}
@@ -295,13 +295,13 @@ def cm_grpo_step(
     transformer = state.policy.transformer
     frames_per_chunk = transformer.chunk_sizes(int(latent_shape[1]))
 
-    # 1. group rollouts with the trajectory (no grad, eval mode), unguided by default (§10.1)
+    # 1. group rollouts with the trajectory (no grad, eval mode), unguided by default (docs/method.md §5)
     tic = time.perf_counter()
     with state.autocast():
         rollout = group_rollouts(transformer, text, latent_shape, config, generator, negative_text)
     logs["time_rollout"] = time.perf_counter() - tic
 
-    # 2. decode + rewards; rank-local aggregation over this prompt's rollouts (§6.3), then per-prompt advantages
+    # 2. decode + rewards; rank-local aggregation over this prompt's rollouts (Alg. 2 l.14-20), then per-prompt advantages
     #    over every process (all-gather), clipped
     tic = time.perf_counter()
     videos = decode_videos(state.vae, rollout.endpoints, batch_size=config.groups_per_infer)

@@ -1,7 +1,7 @@
-"""Distribution-matching (DMD) losses of the RAVEN stage (spec §4.2-4.3, §10.10, §10.12).
+"""Distribution-matching (DMD) losses of the RAVEN stage (Alg. 1 l.11-28, docs/method.md §5).
 
 Pure tensor functions; the models, the interleaved forward and the chunk weighting live elsewhere.
-Schedule conventions (spec §1.1): ``x_t = (1 - sigma) x0 + sigma eps``, velocity target ``v = eps - x0``,
+Schedule conventions (docs/method.md §1): ``x_t = (1 - sigma) x0 + sigma eps``, velocity target ``v = eps - x0``,
 ``x0 = x_t - sigma v``. Tensors are ``[B, C, F, H, W]`` latents; per-sample scalars are ``[B]``.
 """
 
@@ -25,7 +25,7 @@ DMD_LOSS_TYPES = ("dmd", "sim", "sid")
 
 
 def flow_matching_critic_loss(v_pred: torch.Tensor, noise: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-    """Fake-score (critic) loss of spec §4.2: ``mean || v_pred - (eps - x0) ||^2`` over all elements.
+    """Fake-score (critic) loss of Alg. 1 l.11-15: ``mean || v_pred - (eps - x0) ||^2`` over all elements.
 
     Args:
         v_pred: ``[B, C, F, H, W]`` critic velocity at ``x_t = (1 - sigma) x0 + sigma eps``.
@@ -39,9 +39,9 @@ def flow_matching_critic_loss(v_pred: torch.Tensor, noise: torch.Tensor, x0: tor
 
 
 def dmd_normalizer(x0_pred: torch.Tensor, real_x0: torch.Tensor, min_value: float = 1e-5) -> torch.Tensor:
-    """Per-sample DMD normaliser of spec §4.3 step 4: ``max(mean |x0_pred - real_x0|, 1e-5)``.
+    """Per-sample DMD normaliser of Alg. 1 l.25: ``max(mean |x0_pred - real_x0|, 1e-5)``.
 
-    The mean runs over ALL non-batch elements of the sample (the whole video, not per chunk: §10.10).
+    The mean runs over ALL non-batch elements of the sample (the whole video, not per chunk: docs/method.md §5).
 
     Returns:
         detached float64 ``[B]``.
@@ -59,7 +59,7 @@ def dmd_per_element_surrogate(
     sid_alpha: float = 1.0,
     min_norm: float = 1e-5,
 ) -> torch.Tensor:
-    """Per-element generator surrogate of spec §4.3 step 4, float64, to be chunk-weighted (§5).
+    """Per-element generator surrogate of Alg. 1 l.25, float64, to be chunk-weighted (docs/method.md §3.5).
 
     Only its gradient w.r.t. ``x0_pred`` matters (``fake_x0 = f`` and ``real_x0 = r`` are constants):
 

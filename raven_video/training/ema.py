@@ -1,4 +1,4 @@
-"""Exponential moving average of named parameters (spec §4.5, §6.1, Appendix A: decay 0.9675).
+"""Exponential moving average of named parameters (docs/method.md §5: decay 0.9675).
 
 RAVEN: ``theta_ema <- 0.9675 theta_ema + 0.0325 theta`` after every generator optimizer step, with a CONSTANT
 decay from the first update and ``theta_ema`` initialised from the model's weights; CM-GRPO does the same on

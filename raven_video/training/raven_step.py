@@ -1,15 +1,15 @@
-"""One RAVEN / DMD iteration (spec Appendix B.2, §4.2-4.5), split into small testable functions.
+"""One RAVEN / DMD iteration (Alg. 1), split into small testable functions.
 
     rollout (no grad)  ->  critic step (every iteration)  ->  generator step (every ``ttur`` iterations)  ->  EMA
 
-* :func:`critic_loss`      spec §4.2: flow matching of the fake score on re-noised rollout endpoints.
-* :func:`generator_loss`   spec §4.3 + §5: DMD gradient ``(f - r) / norm`` on the student's ``x̂0`` of the chosen
+* :func:`critic_loss`      Alg. 1 l.11-15: flow matching of the fake score on re-noised rollout endpoints.
+* :func:`generator_loss`   Alg. 1 l.16-28: DMD gradient ``(f - r) / norm`` on the student's ``x̂0`` of the chosen
   history mode, teacher CFG ``neg + w (pos - neg)``, score time ``s`` independent of ``u``, chunk-weighted.
-* :func:`optimizer_step`   grad clip, non-finite gradient -> skip (§4.5).
+* :func:`optimizer_step`   grad clip, non-finite gradient -> skip (docs/method.md §5).
 * :func:`raven_iteration`  the whole iteration; returns a flat dict of logs.
 
 All randomness of an iteration comes from one CPU ``torch.Generator`` (seeded per iteration and rank by the caller,
-like the reference's per-iteration ``RandomState(seed + iter * world_size + rank)``, §4.4), so a resumed run replays
+like the reference's per-iteration ``RandomState(seed + iter * world_size + rank)``, Alg. 1), so a resumed run replays
 the same draws.
 """
 
@@ -30,7 +30,7 @@ from .rollout import HISTORY_MODES, GeneratorForward, Rollout, student_predictio
 from .timesteps import sample_generator_step_index, sample_score_timesteps
 
 
-# Spec §4.3 step 3: "slow motion, time dilation, 高帧率，" + Wan2.1's standard Chinese negative prompt.
+# Alg. 1 l.23: "slow motion, time dilation, 高帧率，" + Wan2.1's standard Chinese negative prompt.
 WAN_NEGATIVE_PROMPT = (
     "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，"
     "残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，"
@@ -46,16 +46,16 @@ __all__ = [
 
 @dataclass
 class RavenConfig:
-    """Hyper-parameters of one iteration (defaults = Appendix A, RAVEN column)."""
+    """Hyper-parameters of one iteration (defaults: the reference code's recipe, docs/method.md §5)."""
 
     timesteps: tuple = DEFAULT_TIMESTEPS
-    guidance_scale: float = 3.0  # teacher CFG, neg + w(pos - neg)  (§4.3, §10.12)
-    rollout_guidance_scale: float = 1.0  # student CFG in the rollout (§10.1; 3.0 reproduces ff6960c)
-    ttur: int = 2  # generator update when (iteration + 1) % ttur == 0  (§4.4)
-    chunk_weighting: str = "-1"  # §5
+    guidance_scale: float = 3.0  # teacher CFG, neg + w(pos - neg)  (Alg. 1 l.16-25, docs/method.md §5)
+    rollout_guidance_scale: float = 1.0  # student CFG in the rollout (docs/method.md §5; 3.0 reproduces the reference code)
+    ttur: int = 2  # generator update when (iteration + 1) % ttur == 0  (Alg. 1)
+    chunk_weighting: str = "-1"  # docs/method.md §3.5
     history: str = "raven"
     dmd_loss_type: str = "dmd"
-    max_grad_norm: Optional[float] = 1000.0  # the reference default (§4.5, §10.14)
+    max_grad_norm: Optional[float] = 1000.0  # the reference default (docs/method.md §5)
     world_size: int = 1
 
     def __post_init__(self):
@@ -66,7 +66,7 @@ class RavenConfig:
 
 
 def is_generator_step(iteration: int, ttur: int) -> bool:
-    """Spec §4.4: the generator is updated when ``(iteration + 1) % ttur == 0`` (0-based iteration)."""
+    """Alg. 1: the generator is updated when ``(iteration + 1) % ttur == 0`` (0-based iteration)."""
     return (iteration + 1) % ttur == 0
 
 
@@ -79,13 +79,13 @@ def _dtype(model) -> torch.dtype:
 
 
 def critic_loss(critic, endpoints: torch.Tensor, text: torch.Tensor, generator, frames_per_chunk) -> tuple:
-    """Fake-score loss of spec §4.2 (B.2 step 2): ``mean || v_phi(x_t, t_f, c) - (eps - X) ||^2``.
+    """Fake-score loss of Alg. 1 l.11-15: ``mean || v_phi(x_t, t_f, c) - (eps - X) ||^2``.
 
     Args:
         critic: the bidirectional fake score (trainable).
         endpoints: ``[B, C, F, H, W]`` rollout endpoints ``X`` (constants).
         text: ``[B, 512, text_dim]`` positive prompt embeddings (the critic is trained conditionally only).
-        generator: CPU generator for ``t_f`` (score distribution of §4.2) and ``eps``.
+        generator: CPU generator for ``t_f`` (score distribution of Alg. 1 l.11-15) and ``eps``.
     Returns:
         ``(loss, logs)``; ``logs`` has ``critic_t`` and the unweighted per-chunk losses ``critic_loss_chunk_<c>``.
     """
@@ -130,12 +130,12 @@ def generator_loss(
     frames_per_chunk,
     data_latents: Optional[torch.Tensor] = None,
 ) -> tuple:
-    """DMD generator loss of spec §4.3 (B.2 step 3) for ``config.history``.
+    """DMD generator loss of Alg. 1 l.16-25 for ``config.history``.
 
-    ``k ~ U{0..K-1}`` per sample (``u = t_k`` shared by the chunks, §3.4); ``x̂0`` from :func:`generator_prediction`;
-    ``s`` from the score distribution, independent of ``u`` (§10.11); ``z_s = (1 - sigma_s) sg(x̂0) + sigma_s eps'``;
+    ``k ~ U{0..K-1}`` per sample (``u = t_k`` shared by the chunks, Alg. 1 l.17); ``x̂0`` from :func:`generator_prediction`;
+    ``s`` from the score distribution, independent of ``u`` (docs/method.md §5); ``z_s = (1 - sigma_s) sg(x̂0) + sigma_s eps'``;
     per-element surrogate whose gradient w.r.t. ``x̂0`` is ``(f - r)/norm`` (norm per sample over the whole video,
-    §10.10), reduced with the chunk weighting (§5 step 5).
+    docs/method.md §5), reduced with the chunk weighting (docs/method.md §3.5).
 
     Returns:
         ``(loss, logs)``: float64 scalar with grad; logs ``dmd_loss``, ``dmd_loss_chunk_<c>``, ``dmd_norm``, ``u``, ``s``.
@@ -162,7 +162,7 @@ def generator_loss(
 
 
 def optimizer_step(parameters, optimizer, max_grad_norm: Optional[float], clip_fn: Optional[Callable] = None) -> tuple:
-    """Clip, then step unless the gradient norm is non-finite (spec §4.5: NaN/Inf grad norm -> skip the step).
+    """Clip, then step unless the gradient norm is non-finite (docs/method.md §5: NaN/Inf grad norm -> skip the step).
 
     Args:
         clip_fn: ``accelerator.clip_grad_norm_`` (handles DDP/FSDP/mixed precision); default ``torch.nn.utils``.
@@ -215,20 +215,20 @@ def raven_iteration(
     generator: torch.Generator,
     data_latents: Optional[torch.Tensor] = None,
 ) -> dict:
-    """One iteration of spec Appendix B.2. Returns a flat dict of floats (losses per chunk, grad norms, the DMD
+    """One iteration of Alg. 1. Returns a flat dict of floats (losses per chunk, grad norms, the DMD
     normaliser, ``time_rollout/critic/generator`` in seconds, ``skipped_*`` flags)."""
     logs: dict = {}
     device = text.device
     frames_per_chunk = state.student.transformer.chunk_sizes(int(latent_shape[2]))
 
-    # 1. rollout (no grad), student CFG per --rollout_guidance_scale (§10.1)
+    # 1. rollout (no grad), student CFG per --rollout_guidance_scale (docs/method.md §5)
     tic = time.perf_counter()
     noise = _randn(latent_shape, generator, device)
     with state.autocast():
         rollout = _rollout(state, text, negative_text, latent_shape, config, generator, noise)
     logs["time_rollout"] = time.perf_counter() - tic
 
-    # 2. critic step, every iteration (§4.2, §4.4)
+    # 2. critic step, every iteration (Alg. 1 l.11-15)
     tic = time.perf_counter()
     state.critic_train.train()
     with state.autocast():
