@@ -31,6 +31,7 @@ from peft.utils import get_peft_model_state_dict
 from tqdm.auto import tqdm
 
 from raven_video.cli.training import (
+    TimeBudget,
     UsageError,
     add_optimizer_arguments,
     add_run_arguments,
@@ -53,6 +54,7 @@ from raven_video.cli.training import (
     run_cli,
     save_checkpoint,
     tiny_configs,
+    trackers,
     usage_errors,
     write_model_card,
 )
@@ -103,7 +105,8 @@ def parse_args(input_args=None):
     p.add_argument("--num_frames", type=int, default=81)
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--width", type=int, default=832)
-    p.add_argument("--max_sequence_length", type=int, default=512)
+    p.add_argument("--max_sequence_length", type=int, default=None,
+                   help="Text tokens (zero-padded); default: the pipeline's config (512 for Wan).")
     # rollouts (Alg. 2 l.1-13)
     p.add_argument("--group_size", type=int, default=4, help="Rollouts of the prompt per process per step.")
     p.add_argument("--groups_per_infer", type=int, default=4, help="Rollouts per inference call (batch).")
@@ -337,7 +340,7 @@ def main(input_args=None):
 
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
+        log_with=trackers(args),
         project_config=ProjectConfiguration(project_dir=args.output_dir,
                                             logging_dir=os.path.join(args.output_dir, args.logging_dir)),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
@@ -411,10 +414,12 @@ def main(input_args=None):
         reference=adapters_disabled_reference(policy) if args.beta > 0 else None,
     )
 
+    budget = TimeBudget(accelerator, args.max_train_time)
     bar = tqdm(range(args.max_train_steps), initial=global_step, desc="CM-GRPO",
                disable=not accelerator.is_local_main_process)
     logs = {}
-    while global_step < args.max_train_steps:
+    stop = False
+    while global_step < args.max_train_steps and not stop:
         prompt = stream.take(1)[0]
         text = encode([prompt])
         # per-step, per-rank seed: a resumed run replays the same draws; ranks of a sync group differ
@@ -431,7 +436,10 @@ def main(input_args=None):
         accelerator.log(logs, step=global_step)
         if logs.get("skipped"):
             logger.warning("step %d: non-finite loss/gradient, optimizer step skipped", global_step)
-        if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+        stop = budget.expired()
+        if stop:
+            logger.info("--max_train_time %s s reached at step %d: stopping", args.max_train_time, global_step)
+        if stop or global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
             path = save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
             logger.info("saved %s", path)
         if (args.validation_steps and args.validation_prompts and global_step % args.validation_steps == 0

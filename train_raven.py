@@ -24,6 +24,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_f
 from tqdm.auto import tqdm
 
 from raven_video.cli.training import (
+    TimeBudget,
     add_optimizer_arguments,
     add_run_arguments,
     argument_parser,
@@ -46,6 +47,7 @@ from raven_video.cli.training import (
     run_cli,
     save_checkpoint,
     tiny_configs,
+    trackers,
     usage_errors,
     write_model_card,
 )
@@ -84,7 +86,8 @@ def parse_args(input_args=None):
     p.add_argument("--num_frames", type=int, default=81)
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--width", type=int, default=832)
-    p.add_argument("--max_sequence_length", type=int, default=512)
+    p.add_argument("--max_sequence_length", type=int, default=None,
+                   help="Text tokens (zero-padded); default: the pipeline's config (512 for Wan).")
     p.add_argument("--train_batch_size", type=int, default=1, help="Videos per process per iteration (spec: 1).")
     # algorithm
     p.add_argument("--history", type=str, default="raven", choices=HISTORY_MODES)
@@ -271,7 +274,7 @@ def main(input_args=None):
 
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
+        log_with=trackers(args),
         project_config=ProjectConfiguration(project_dir=args.output_dir,
                                             logging_dir=os.path.join(args.output_dir, args.logging_dir)),
     )
@@ -339,10 +342,12 @@ def main(input_args=None):
         clip_fn=torch.nn.utils.clip_grad_norm_ if is_fsdp else accelerator.clip_grad_norm_, autocast=accelerator.autocast,
     )
 
+    budget = TimeBudget(accelerator, args.max_train_time)
     bar = tqdm(range(args.max_train_steps), initial=global_step, desc="RAVEN",
                disable=not accelerator.is_local_main_process)
     logs = {}
-    while global_step < args.max_train_steps:
+    stop = False
+    while global_step < args.max_train_steps and not stop:
         keys_now = stream.take(args.train_batch_size)
         prompts = [dataset.prompt(k) for k in keys_now] if dataset is not None else keys_now
         data_latents = None
@@ -367,7 +372,10 @@ def main(input_args=None):
         if logs.get("skipped_generator") or logs.get("skipped_critic"):
             logger.warning("step %d: non-finite gradient, optimizer step skipped (generator=%s, critic=%s)",
                            global_step, logs.get("skipped_generator"), logs.get("skipped_critic"))
-        if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+        stop = budget.expired()
+        if stop:
+            logger.info("--max_train_time %s s reached at step %d: stopping", args.max_train_time, global_step)
+        if stop or global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
             path = save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
             logger.info("saved %s", path)
         if (args.validation_steps and args.validation_prompts and global_step % args.validation_steps == 0

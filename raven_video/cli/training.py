@@ -9,14 +9,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import json
 import logging
 import os
 import re
 import shutil
 import sys
+import time
 
 import numpy as np
 import torch
+from accelerate.tracking import GeneralTracker
 from diffusers import AutoencoderKLWan
 from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH, load_or_create_model_card, populate_model_card
 from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
@@ -55,8 +58,10 @@ def run_cli(main) -> None:
 
 
 def argument_parser(description: str) -> argparse.ArgumentParser:
-    """The scripts' parser: defaults shown in ``--help``."""
-    return argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """The scripts' parser: defaults shown in ``--help``; ``@file`` reads arguments from a file, one per line (the
+    recipes in ``configs/``)."""
+    return argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                   fromfile_prefix_chars="@")
 
 
 def add_optimizer_arguments(p, *, adam_epsilon: float) -> None:
@@ -77,6 +82,9 @@ def add_run_arguments(p, *, output_dir: str, checkpointing_steps: int) -> None:
     p.add_argument("--checkpointing_steps", type=int, default=checkpointing_steps)
     p.add_argument("--checkpoints_total_limit", type=int, default=None)
     p.add_argument("--resume_from_checkpoint", type=str, default=None, help="'latest' or a checkpoint folder.")
+    p.add_argument("--max_train_time", type=float, default=None,
+                   help="Seconds of training after which to stop early (checkpoint and export as at the last step); "
+                        "for runs in time-limited stretches.")
     p.add_argument("--report_to", type=str, default="tensorboard", choices=("tensorboard", "wandb", "none"))
     p.add_argument("--logging_dir", type=str, default="logs")
     p.add_argument("--validation_steps", type=int, default=None)
@@ -91,6 +99,8 @@ def check_run_args(args) -> None:
     for name in ("max_train_steps", "checkpointing_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} {getattr(args, name)} must be >= 1.")
+    if args.max_train_time is not None and not args.max_train_time > 0:
+        raise ValueError(f"--max_train_time {args.max_train_time} must be > 0 seconds.")
     if args.validation_steps is not None and args.validation_steps < 1:
         raise ValueError(f"--validation_steps {args.validation_steps} must be >= 1.")
     if args.report_to == "wandb" and args.hub_token is not None:
@@ -167,6 +177,23 @@ def make_optimizer(args, params, lr):
 
 
 # ----------------------------------------------------------------------------------------------------- checkpoints
+class TimeBudget:
+    """``--max_train_time``: every process stops after the same step once the main clock passes the budget (the
+    flag is max-reduced over processes, so no rank waits in a collective the others left)."""
+
+    def __init__(self, accelerator, seconds: float | None):
+        self.accelerator = accelerator
+        self.deadline = time.monotonic() + seconds if seconds else None
+
+    def expired(self) -> bool:
+        if self.deadline is None:
+            return False
+        flag = torch.tensor([float(time.monotonic() > self.deadline)], device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            flag = self.accelerator.reduce(flag, reduction="max")
+        return bool(flag.item())
+
+
 class TrainingProgress:
     """The global step, checkpointed with ``register_for_checkpointing``."""
 
@@ -281,19 +308,70 @@ def register_and_resume(accelerator, objects, resume_path) -> "TrainingProgress"
     return progress
 
 
+class JsonlTracker(GeneralTracker):
+    """An Accelerate tracker that appends every logged step as one JSON line to ``<logging_dir>/metrics.jsonl``: the
+    machine-readable curve that ``raven_video.world.recipe`` summarises and plots (tensorboard / wandb still get the
+    same values). A resumed run appends; readers keep the last line of each step."""
+
+    name = "jsonl"
+    requires_logging_directory = True
+    main_process_only = True
+
+    def __init__(self, logging_dir: str):
+        super().__init__()
+        self.path = os.path.join(logging_dir, "metrics.jsonl")
+
+    @property
+    def tracker(self):
+        return self.path
+
+    def store_init_configuration(self, values: dict):
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        with open(os.path.join(os.path.dirname(self.path), "config.json"), "w", encoding="utf-8") as handle:
+            json.dump(values, handle, indent=1, sort_keys=True)
+
+    def log(self, values: dict, step: int | None = None, **kwargs):
+        row = {"step": step, **{k: v for k, v in values.items() if isinstance(v, (int, float, bool, str))}}
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+
+def read_metrics(logging_dir: str) -> list[dict]:
+    """The rows of a :class:`JsonlTracker` file, one per step (the last written wins after a resume), by step."""
+    path = os.path.join(logging_dir, "metrics.jsonl")
+    rows: dict = {}
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as handle:
+            for line in handle:
+                if line.strip():
+                    row = json.loads(line)
+                    rows[row.get("step")] = row
+    return [rows[k] for k in sorted(rows, key=lambda s: -1 if s is None else s)]
+
+
+def trackers(args) -> list:
+    """``log_with`` for the Accelerator: always the JSONL curve, plus ``--report_to`` (tensorboard / wandb)."""
+    chosen = [JsonlTracker(os.path.join(args.output_dir, args.logging_dir))]
+    return chosen + ([args.report_to] if args.report_to != "none" else [])
+
+
 def init_trackers(accelerator, args, project_name: str) -> None:
-    """Create the output folder and the tensorboard / wandb run on the main process; the Hub token is never logged."""
+    """Create the output folder and the trackers of :func:`trackers` on the main process; the Hub token is never
+    logged."""
     if not accelerator.is_main_process:
         return
     os.makedirs(args.output_dir, exist_ok=True)
     config = {k: v for k, v in vars(args).items() if k != "hub_token" and not isinstance(v, list)}
     config = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config.items()}
-    if args.report_to != "none":
-        accelerator.init_trackers(project_name, config=config)
+    accelerator.init_trackers(project_name, config=config)
 
 
-def prompt_encoder(pipe, max_sequence_length: int, text_device, device):
-    """``texts -> [N, max_sequence_length, text_dim]`` float32 UMT5 embeddings on ``device`` (no CFG branch)."""
+def prompt_encoder(pipe, max_sequence_length: int | None, text_device, device):
+    """``texts -> [N, max_sequence_length, text_dim]`` float32 UMT5 embeddings on ``device`` (no CFG branch);
+    ``max_sequence_length=None``: the pipeline's own (its config, 512 for Wan)."""
+    if max_sequence_length is None:
+        max_sequence_length = pipe.config.max_sequence_length
 
     def encode(texts):
         with torch.no_grad():
@@ -312,7 +390,8 @@ def pipeline_with(pipe, transformer, device="cpu") -> CausalWanPipeline:
         components.update(text_encoder=pipe.text_encoder.to(device), vae=pipe.vae.to(device))
     return CausalWanPipeline(**components, scheduler=copy.deepcopy(pipe.scheduler), transformer=transformer,
                              denoising_timesteps=pipe.config.denoising_timesteps, fps=pipe.config.fps,
-                             height=pipe.config.height, width=pipe.config.width)
+                             height=pipe.config.height, width=pipe.config.width,
+                             max_sequence_length=pipe.config.max_sequence_length)
 
 
 def hub_base_model(path: str | None) -> str | None:

@@ -577,8 +577,9 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
             noisy_latents (`torch.Tensor` of shape `(B, C, F, H, W)`): the noisy state of every chunk (``z_c^u``).
             clean_latents (`torch.Tensor` of shape `(B, C, F, H, W)`): the clean endpoints ``x_c`` (the last chunk's
                 frames are ignored: nobody attends to them).
-            timestep (`torch.Tensor` of shape `(B,)`): the sampling time ``u`` shared by every noisy chunk of a sample;
-                clean tokens get t=0.
+            timestep (`torch.Tensor` of shape `(B,)` or `(B, F)`): the sampling time ``u`` shared by every noisy chunk
+                of a sample, or one per latent frame (e.g. per chunk, for teacher forcing with independent noise
+                levels); clean tokens get t=0.
             encoder_hidden_states (`torch.Tensor` of shape `(B, 512, text_dim)`).
 
         Returns:
@@ -589,10 +590,11 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
             raise ValueError(
                 f"noisy_latents {tuple(noisy_latents.shape)} and clean_latents {tuple(clean_latents.shape)} must match."
             )
-        if timestep.ndim != 1 or timestep.shape[0] != noisy_latents.shape[0]:
-            raise ValueError(f"timestep must have shape (B,)={noisy_latents.shape[:1]}, got {tuple(timestep.shape)}.")
+        batch, frames = noisy_latents.shape[0], noisy_latents.shape[2]
+        if timestep.shape not in ((batch,), (batch, frames)):
+            raise ValueError(f"timestep must have shape (B,)=({batch},) or (B, F)=({batch}, {frames}), got "
+                             f"{tuple(timestep.shape)}.")
         cfg = self.config
-        frames = noisy_latents.shape[2]
         layout = FrameLayout.interleaved(
             frames, cfg.num_frames_per_block, cfg.num_frames_first_block, cfg.local_attn_size, cfg.sink_size
         )
@@ -605,7 +607,9 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
             offset += seg.num_frames
         sequence = torch.cat(pieces, dim=2)
         noisy = torch.tensor(layout.noisy_frame_mask(), device=timestep.device)
-        frame_timesteps = torch.where(noisy[None, :], timestep[:, None], torch.zeros_like(timestep)[:, None])
+        per_frame = timestep[:, None].expand(batch, frames) if timestep.ndim == 1 else timestep
+        video_frame = torch.tensor(layout.frame_positions(), device=timestep.device)  # sequence frame -> video frame
+        frame_timesteps = torch.where(noisy[None, :], per_frame[:, video_frame], torch.zeros_like(per_frame[:, :1]))
         mask = self._mask(layout, self.tokens_per_frame_for(*noisy_latents.shape[3:]), noisy_latents.device,
                           mask_backend)
         out = self._forward_frames(sequence, frame_timesteps, encoder_hidden_states, layout.frame_positions(), mask)

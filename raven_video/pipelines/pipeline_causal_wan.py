@@ -128,6 +128,8 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             (``docs/method.md`` §1.3).
         fps (`int`, defaults to 16): frame rate of the generated video (metadata for writers).
         height, width (`int`, defaults to 480 x 832): the model's native size, used when a call gives none.
+        max_sequence_length (`int`, defaults to 512): the text length the transformer was trained with (prompt
+            embeddings are zero-padded to it), used when a call gives none.
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
@@ -149,6 +151,7 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         fps: int = 16,
         height: int = 480,
         width: int = 832,
+        max_sequence_length: int = 512,
     ):
         super().__init__()
         self.register_modules(
@@ -159,7 +162,8 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             next_timesteps(timesteps)
         except ValueError as err:
             raise ValueError(f"denoising_timesteps: {err} E.g. [1000, 938, 833, 625].") from None
-        self.register_to_config(denoising_timesteps=timesteps, fps=int(fps), height=int(height), width=int(width))
+        self.register_to_config(denoising_timesteps=timesteps, fps=int(fps), height=int(height), width=int(width),
+                                max_sequence_length=int(max_sequence_length))
         self.vae_scale_factor_temporal = vae.config.scale_factor_temporal if vae is not None else 4
         self.vae_scale_factor_spatial = vae.config.scale_factor_spatial if vae is not None else 8
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
@@ -341,7 +345,7 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
         output_type: str = "np",
-        max_sequence_length: int = 512,
+        max_sequence_length: int | None = None,
         prompt_schedule: Mapping[int, str] | None = None,
         recache_on_switch: bool = True,
         local_attn_size: int | None = None,
@@ -366,6 +370,8 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         """
         height = self.config.height if height is None else height
         width = self.config.width if width is None else width
+        if max_sequence_length is None:
+            max_sequence_length = self.config.max_sequence_length
         self.check_inputs(prompt, negative_prompt, num_frames, height, width, prompt_embeds, guidance_scale,
                           local_attn_size, sink_size, prompt_schedule, num_videos_per_prompt, max_sequence_length)
         if prompt_schedule is not None and (prompt is None or (not isinstance(prompt, str) and len(prompt) != 1)):
@@ -454,7 +460,7 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         negative_prompt_embeds: torch.Tensor | None = None,
         output_type: str = "np",
         return_dict: bool = True,
-        max_sequence_length: int = 512,
+        max_sequence_length: int | None = None,
         **stream_kwargs,
     ) -> WanPipelineOutput | tuple:
         r"""Generate a whole video (the concatenation of :meth:`stream`'s chunks).

@@ -24,7 +24,7 @@ import diffusers
 from diffusers import AutoencoderKLWan
 
 
-__all__ = ["PINNED_DIFFUSERS_VERSION", "StreamingWanDecoder", "denormalize_wan_latents"]
+__all__ = ["PINNED_DIFFUSERS_VERSION", "StreamingWanDecoder", "decode_videos", "denormalize_wan_latents"]
 
 PINNED_DIFFUSERS_VERSION = "0.42.1"
 
@@ -76,6 +76,17 @@ def denormalize_wan_latents(latents: torch.Tensor, vae: AutoencoderKLWan) -> tor
     mean = torch.tensor(vae.config.latents_mean).view(1, z_dim, 1, 1, 1).to(latents.device, latents.dtype)
     inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, z_dim, 1, 1, 1).to(latents.device, latents.dtype)
     return latents / inv_std + mean
+
+
+@torch.no_grad()
+def decode_videos(vae: AutoencoderKLWan, latents: torch.Tensor, batch_size: int = 1) -> torch.Tensor:
+    """Normalised latents ``[B, C, F, H, W]`` -> videos ``[B, F_px, 3, H_px, W_px]`` float32 clamped to [-1, 1] on the
+    CPU (the reward and metric input), decoded ``batch_size`` videos at a time with ``vae.decode``."""
+    out = []
+    for part in latents.split(batch_size):
+        z = denormalize_wan_latents(part.to(vae.device), vae)
+        out.append(vae.decode(z, return_dict=False)[0].float().clamp(-1, 1).permute(0, 2, 1, 3, 4).cpu())
+    return torch.cat(out)
 
 
 class StreamingWanDecoder:

@@ -28,6 +28,7 @@ __all__ = [
     "DEFAULT_SHIFT",
     "per_sample",
     "shift_sigma",
+    "unshift_sigma",
     "consistency_timesteps",
     "DEFAULT_TIMESTEPS",
     "next_timesteps",
@@ -37,6 +38,7 @@ __all__ = [
     "velocity_target",
     "x0_from_velocity",
     "consistency_step",
+    "euler_step",
     "guidance_combine",
 ]
 
@@ -68,6 +70,13 @@ def shift_sigma(tau, shift: float = DEFAULT_SHIFT):
     if shift <= 0:
         raise ValueError(f"shift must be > 0, got {shift!r}; RAVEN uses shift=5.0.")
     return shift * tau / (1 + (shift - 1) * tau)
+
+
+def unshift_sigma(sigma, shift: float = DEFAULT_SHIFT):
+    """The inverse of :func:`shift_sigma`: ``tau = sigma / (shift - (shift - 1) * sigma)``."""
+    if shift <= 0:
+        raise ValueError(f"shift must be > 0, got {shift!r}; RAVEN uses shift=5.0.")
+    return sigma / (shift - (shift - 1) * sigma)
 
 
 def consistency_timesteps(num_steps: int = 4, shift: float = DEFAULT_SHIFT,
@@ -107,11 +116,7 @@ def scheduler_sigmas(scheduler, timesteps: Sequence[int], device=None) -> torch.
     steps with exactly these, draw for draw equal to ``scheduler.step``).
     """
     next_timesteps(timesteps)  # validates the list
-    shift = scheduler.config.shift
-    unshifted = []
-    for t in timesteps:
-        s = float(t) / NUM_TRAIN_TIMESTEPS
-        unshifted.append(s / (shift - (shift - 1.0) * s))
+    unshifted = [unshift_sigma(float(t) / NUM_TRAIN_TIMESTEPS, scheduler.config.shift) for t in timesteps]
     scheduler.set_timesteps(sigmas=unshifted, device=device)
     scheduler.set_begin_index(0)
     return scheduler.sigmas
@@ -152,6 +157,14 @@ def consistency_step(velocity: torch.Tensor, sample: torch.Tensor, sigma: Value,
     last step (``sigma' = 0``) ``z' = x0``. ``FlowMatchLCMScheduler.step`` with the noise given (tested)."""
     x0 = x0_from_velocity(sample.to(torch.float32), velocity.float(), sigma)
     return add_noise(x0, noise, sigma_next)
+
+
+def euler_step(velocity: torch.Tensor, sample: torch.Tensor, sigma: Value, sigma_next: Value,
+               noise: torch.Tensor | None = None) -> torch.Tensor:
+    """One Euler step of the flow ODE ``dz / dsigma = v`` in float32: ``z' = z + (sigma' - sigma) v`` (the teacher's
+    PF-ODE sampler; ``noise`` is unused, for the sampler's kernel signature)."""
+    step = per_sample(sigma_next, sample).to(torch.float32) - per_sample(sigma, sample).to(torch.float32)
+    return sample.to(torch.float32) + step * velocity.float()
 
 
 def guidance_combine(v_pos: torch.Tensor, v_neg: torch.Tensor, scale: float) -> torch.Tensor:

@@ -85,7 +85,7 @@ class ChunkSampler:
         if len(sigmas) != len(timesteps) + 1:
             raise ValueError(f"{len(timesteps)} timesteps need {len(timesteps) + 1} sigmas, got {len(sigmas)}.")
         self.denoiser, self.kernel = denoiser, kernel
-        self.timesteps = [int(t) for t in timesteps]
+        self.timesteps = [float(t) for t in timesteps]
         self.sigmas = sigmas
 
     @property

@@ -7,7 +7,7 @@
 * :class:`EulerMaruyamaScheduler`  Flow-GRPO's SDE sampler as a drop-in scheduler, so the baseline policy's rollouts
   are sampled *with the kernel whose likelihood is trained* (on-kernel policy gradient).
 * :func:`group_rollouts`   Alg. 2 l.1-13: ``group_size`` rollouts of one prompt in calls of ``groups_per_infer``.
-* :func:`decode_videos`    endpoints -> ``[B, F, 3, H, W]`` in [-1, 1] (what the rewards take).
+* ``decode_videos`` (``pipelines/vae_streaming.py``) endpoints -> ``[B, F, 3, H, W]`` in [-1, 1] (what the rewards take).
 * :func:`policy_loss`      Alg. 2 l.22; Eq. 9: interleaved forward at ``t_k``, kernel regression, chunk weighting, optional
   KL to the reference (the base model with the adapters disabled, Eq. 10).
 * :func:`cm_grpo_step`     the whole step; returns a flat dict of logs.
@@ -27,6 +27,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 from diffusers import FlowMatchLCMScheduler
 
+from ..pipelines.vae_streaming import decode_videos
 from .chunk_weighting import chunk_weighted_loss, per_chunk_means
 from ..sampling.flow import DEFAULT_SHIFT, DEFAULT_TIMESTEPS, sigma_from_timestep
 from .cm_grpo import consistency_kernel_loss, gather_group_advantages, kl_to_reference_loss, prompt_group_id
@@ -44,7 +45,6 @@ __all__ = [
     "lora_config",
     "lora_parameter_names",
     "group_rollouts",
-    "decode_videos",
     "policy_loss",
     "adapters_disabled_reference",
     "rollout_scheduler",
@@ -157,19 +157,6 @@ def group_rollouts(transformer, text: torch.Tensor, latent_shape, config: CMGRPO
         done += n
     return Rollout(trajectory=torch.cat([p.trajectory for p in parts], dim=1),
                    endpoints=torch.cat([p.endpoints for p in parts]), timesteps=parts[0].timesteps)
-
-
-@torch.no_grad()
-def decode_videos(vae, latents: torch.Tensor, batch_size: int = 1) -> torch.Tensor:
-    """Normalised latents ``[B, C, F, H, W]`` -> videos ``[B, F_px, 3, H_px, W_px]`` float32 clamped to [-1, 1]
-    (the reward input, Alg. 2 l.1-13), decoded ``batch_size`` videos at a time."""
-    from ..pipelines.vae_streaming import denormalize_wan_latents
-
-    out = []
-    for part in latents.split(batch_size):
-        z = denormalize_wan_latents(part.to(vae.device), vae)
-        out.append(vae.decode(z, return_dict=False)[0].float().clamp(-1, 1).permute(0, 2, 1, 3, 4).cpu())
-    return torch.cat(out)
 
 
 # ---------------------------------------------------------------------------------------------- policy loss

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 
-__all__ = ["AtomicVideoWriter", "save_video", "to_uint8_frames"]
+__all__ = ["AtomicVideoWriter", "frame_strip", "save_video", "to_uint8_frames"]
 
 _LAYOUTS = ("auto", "FHWC", "FCHW", "CFHW")
 
@@ -315,6 +315,40 @@ def save_video(
     with AtomicVideoWriter(path, fps=fps, value_range=value_range, layout=layout, **writer_kwargs) as writer:
         writer.append(frames)
     return Path(path)
+
+
+def frame_strip(videos: Any, path: str | os.PathLike | None = None, count: int = 9,
+                value_range: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
+    r"""
+    A contact sheet: ``count`` evenly spaced frames of each video side by side, one row per video, optionally
+    written as a PNG (atomically).
+
+    Args:
+        videos: one video ``[F, H, W, 3]`` or several ``[N, F, H, W, 3]`` (uint8, or float in ``value_range``).
+        path: where to write the PNG; ``None`` only returns the image.
+
+    Returns:
+        uint8 ``[N * H, count * W, 3]``.
+    """
+    from PIL import Image
+
+    videos = np.asarray(videos)
+    videos = videos[None] if videos.ndim == 4 else videos
+    if videos.ndim != 5 or videos.shape[-1] != 3:
+        raise ValueError(f"frame_strip takes [F, H, W, 3] or [N, F, H, W, 3] frames, got shape {videos.shape}.")
+    rows = []
+    for video in videos:
+        video = to_uint8_frames(video, value_range=value_range, layout="FHWC")
+        pick = np.linspace(0, video.shape[0] - 1, num=min(count, video.shape[0])).round().astype(int)
+        rows.append(np.concatenate(list(video[pick]), axis=1))
+    image = np.concatenate(rows, axis=0)
+    if path is not None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        Image.fromarray(image).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    return image
 
 
 def read_video(path: str | os.PathLike) -> tuple[np.ndarray, float]:
