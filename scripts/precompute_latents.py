@@ -1,131 +1,124 @@
 #!/usr/bin/env python
-"""Videos -> Wan VAE latents + prompts, the ``--latent_dataset`` of ``train_raven.py`` (teacher / diffusion forcing).
+"""Videos -> normalised Wan VAE latents + prompts: the ``--latent_dataset`` of ``train_teacher.py`` and of
+``train_raven.py``'s teacher / diffusion forcing histories.
 
-    python scripts/precompute_latents.py --videos clips.csv --vae Wan-AI/Wan2.1-T2V-1.3B-Diffusers \
+    python scripts/precompute_latents.py --videos clips.csv --vae Wan-AI/Wan2.1-T2V-1.3B-Diffusers \\
         --output_dir latents-81x480x832 --num_frames 81 --height 480 --width 832
+    python scripts/precompute_latents.py --world 16384 --vae runs/world/vae --output_dir runs/world/latents \\
+        --num_frames 81 --height 64 --width 64                  # the procedural world (training seeds)
 
-``--videos``: a CSV/JSONL with ``video`` (path) and ``prompt`` columns, or a folder of videos where ``clip.mp4`` has
-its prompt in ``clip.txt``. Each video is read with imageio, its first ``--num_frames`` frames (4k+1) are resized
-(short side) and center-cropped to ``--height`` x ``--width``, scaled to [-1, 1], encoded with
-``AutoencoderKLWan`` (posterior mode) and normalised ``(z - latents_mean) / latents_std`` -- the latent space of the
-pipeline. Output layout: see ``raven_video/data/latents.py``. Videos that are too short are skipped with a warning.
+``--videos``: a CSV/JSONL with ``video`` (path) and ``prompt`` columns, or a folder where ``clip.mp4`` has its prompt
+in ``clip.txt`` (``raven_video.data.videos``): first ``--num_frames`` frames, resized and centre-cropped. ``--world N``:
+N world clips of training seeds ``[--world_start, --world_start + N)``. Clips are encoded with ``AutoencoderKLWan``
+(posterior mode) and normalised ``(z - latents_mean) / latents_std``, the latent space of the pipeline; output layout:
+``raven_video/data/latents.py`` (sharded safetensors).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import os
 import sys
 
-import numpy as np
 import torch
+from diffusers import AutoencoderKLWan
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-VIDEO_EXTS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".gif")
+from raven_video.data.latents import normalize_latents, write_latent_shards
+from raven_video.data.videos import list_videos, read_clip
+from raven_video.testing import tiny_vae
+from raven_video.world.data import WorldClipDataset
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--videos", required=True, help="CSV/JSONL with video,prompt columns, or a folder (clip.mp4+clip.txt)")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], fromfile_prefix_chars="@")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--videos", help="CSV/JSONL with video,prompt columns, or a folder (clip.mp4 + clip.txt)")
+    source.add_argument("--world", type=int, help="encode this many clips of the procedural world")
+    p.add_argument("--world_start", type=int, default=0, help="first world training seed")
     p.add_argument("--vae", default=None, help="AutoencoderKLWan folder / Hub id (a pipeline: subfolder vae is tried)")
     p.add_argument("--tiny_random_vae", action="store_true", help="tiny random VAE (tests only)")
     p.add_argument("--output_dir", required=True)
     p.add_argument("--num_frames", type=int, default=81)
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--width", type=int, default=832)
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--num_workers", type=int, default=0, help="DataLoader workers (reading / rendering clips)")
+    p.add_argument("--shard_size", type=int, default=1024)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     if (args.num_frames - 1) % 4:
         p.error(f"--num_frames {args.num_frames} must be 4k+1 (e.g. 81).")
-    if args.height % 16 or args.width % 16:
-        p.error(f"--height/--width {args.height}x{args.width} must be multiples of 16.")
     if not args.vae and not args.tiny_random_vae:
-        p.error("pass --vae (a Wan2.1 VAE) or --tiny_random_vae.")
+        p.error("pass --vae (a Wan2.1 VAE folder or a trained world VAE) or --tiny_random_vae.")
+    if args.world is not None and args.world < 1:
+        p.error(f"--world {args.world} must be >= 1.")
     return args
 
 
-def list_items(source: str) -> list:
-    """``[(video_path, prompt)]``."""
-    if os.path.isdir(source):
-        items = []
-        for name in sorted(os.listdir(source)):
-            stem, ext = os.path.splitext(name)
-            if ext.lower() in VIDEO_EXTS:
-                txt = os.path.join(source, stem + ".txt")
-                if not os.path.isfile(txt):
-                    raise FileNotFoundError(f"{name} has no prompt file {stem}.txt next to it.")
-                items.append((os.path.join(source, name), open(txt, encoding="utf-8").read().strip()))
-        return items
-    base = os.path.dirname(os.path.abspath(source))
-    if source.endswith(".jsonl"):
-        rows = [json.loads(line) for line in open(source, encoding="utf-8") if line.strip()]
-    else:
-        rows = list(csv.DictReader(open(source, encoding="utf-8")))
-    if rows and not {"video", "prompt"} <= set(rows[0]):
-        raise ValueError(f"{source} needs 'video' and 'prompt' columns, found {sorted(rows[0])}.")
-    return [(r["video"] if os.path.isabs(r["video"]) else os.path.join(base, r["video"]), r["prompt"]) for r in rows]
-
-
-def read_clip(path: str, num_frames: int, height: int, width: int) -> torch.Tensor | None:
-    """``[3, F, H, W]`` in [-1, 1], or None if the video has fewer than ``num_frames`` frames."""
-    import imageio.v3 as iio
-
-    frames = []
-    for frame in iio.imiter(path):
-        frames.append(frame[..., :3])
-        if len(frames) == num_frames:
-            break
-    if len(frames) < num_frames:
-        return None
-    video = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # [F, 3, h, w]
-    scale = max(height / video.shape[2], width / video.shape[3])
-    size = (max(height, round(video.shape[2] * scale)), max(width, round(video.shape[3] * scale)))
-    video = torch.nn.functional.interpolate(video, size=size, mode="bilinear", antialias=True, align_corners=False)
-    top, left = (size[0] - height) // 2, (size[1] - width) // 2
-    return video[:, :, top : top + height, left : left + width].permute(1, 0, 2, 3).clamp(-1, 1)
-
-
-def load_vae(args):
+def load_vae(args) -> AutoencoderKLWan:
     if args.tiny_random_vae:
-        from raven_video.testing import tiny_vae
-
         return tiny_vae()
-    from diffusers import AutoencoderKLWan
-
     try:
         return AutoencoderKLWan.from_pretrained(args.vae, subfolder="vae")
     except (OSError, EnvironmentError):
         return AutoencoderKLWan.from_pretrained(args.vae)
 
 
+class _VideoSource(Dataset):
+    """Clips of a video source; a video that is too short gives ``None`` (skipped with a warning)."""
+
+    def __init__(self, source, num_frames, height, width):
+        self.items, self.size = list_videos(source), (num_frames, height, width)
+        if not self.items:
+            raise ValueError(f"--videos {source!r} lists no video.")
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        path, prompt = self.items[index]
+        return {"video": read_clip(path, *self.size), "prompt": prompt, "video_path": path}
+
+
+def _collate(items):
+    kept = [item for item in items if item["video"] is not None]
+    for item in items:
+        if item["video"] is None:
+            print(f"skipping {item['video_path']}: fewer frames than --num_frames", file=sys.stderr)
+    if not kept:
+        return None
+    rows = [{k: v for k, v in item.items() if k != "video"} for item in kept]
+    return torch.stack([item["video"] for item in kept]), rows
+
+
 @torch.no_grad()
 def main(argv=None):
     args = parse_args(argv)
-    from raven_video.data.latents import normalize_latents
-
-    items = list_items(args.videos)
-    if not items:
-        raise ValueError(f"--videos {args.videos!r} lists no video.")
+    if args.world is not None:
+        data = WorldClipDataset(args.world, start=args.world_start, num_frames=args.num_frames, height=args.height,
+                                width=args.width)
+    else:
+        data = _VideoSource(args.videos, args.num_frames, args.height, args.width)
     vae = load_vae(args).to(args.device).eval()
-    os.makedirs(args.output_dir, exist_ok=True)
-    written = 0
-    with open(os.path.join(args.output_dir, "metadata.jsonl"), "w", encoding="utf-8") as meta:
-        for path, prompt in items:
-            clip = read_clip(path, args.num_frames, args.height, args.width)
-            if clip is None:
-                print(f"skipping {path}: fewer than {args.num_frames} frames", file=sys.stderr)
+    spatial = vae.config.scale_factor_spatial
+    if args.height % spatial or args.width % spatial:
+        raise SystemExit(f"error: --height/--width {args.height}x{args.width} must be multiples of the VAE's spatial "
+                         f"stride {spatial}.")
+    loader = DataLoader(data, batch_size=args.batch_size, num_workers=args.num_workers, collate_fn=_collate)
+    meta = {"num_frames": args.num_frames, "height": args.height, "width": args.width}
+
+    def batches():
+        for batch in tqdm(loader, desc="encoding"):
+            if batch is None:
                 continue
-            z = vae.encode(clip[None].to(args.device, vae.dtype)).latent_dist.mode()
-            latents = normalize_latents(vae, z.float())[0].cpu()
-            name = f"{written:06d}.pt"
-            torch.save({"latents": latents}, os.path.join(args.output_dir, name))
-            meta.write(json.dumps({"file": name, "prompt": prompt, "video": path, "num_frames": args.num_frames,
-                                   "height": args.height, "width": args.width}) + "\n")
-            written += 1
-    print(json.dumps({"written": written, "skipped": len(items) - written, "output_dir": args.output_dir}))
+            video, rows = batch
+            z = vae.encode(video.to(args.device, vae.dtype)).latent_dist.mode()
+            yield normalize_latents(vae, z.float()).cpu(), [{**row, **meta} for row in rows]
+
+    written = write_latent_shards(args.output_dir, batches(), args.shard_size)
+    print(json.dumps({"written": written, "skipped": len(data) - written, "output_dir": args.output_dir}))
     return written
 
 
