@@ -24,6 +24,7 @@ _LAZY = {
     "BlendSmoothness": "proxies",
     "SharpnessDrift": "proxies",
     "Brightness": "proxies",
+    "WorldReward": "world",
     "RewardComposer": "composer",
     "parse_reward_weights": "composer",
     "normalize_per_group": "composer",
@@ -54,3 +55,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from .motion_smoothness import MotionSmoothnessReward
     from .proxies import BlendSmoothness, Brightness, FrameDifferenceMotion, SharpnessDrift, TemporalFlicker
     from .text_alignment import VideoAlignReward
+    from .world import WorldReward

@@ -48,6 +48,7 @@ REWARD_FIELDS: Dict[str, tuple] = {
     "proxy_smoothness": ("proxy_smoothness",),
     "proxy_sharpness_drift": ("proxy_sharpness_drift",),
     "proxy_brightness": ("proxy_brightness",),
+    "world": ("world",),
 }
 _FIELD_TO_REWARD = {field: reward for reward, fields in REWARD_FIELDS.items() for field in fields}
 
@@ -163,7 +164,7 @@ def build_reward(name: str, checkpoints: Optional[Mapping[str, object]] = None, 
     ``allow_pickle`` consents to unpickling checkpoints that ``torch.load(weights_only=True)`` refuses (trusted files
     only: unpickling runs code).
     """
-    from . import aesthetic, dynamic_degree, imaging_quality, motion_smoothness, proxies, text_alignment
+    from . import aesthetic, dynamic_degree, imaging_quality, motion_smoothness, proxies, text_alignment, world
 
     if name not in REWARD_FIELDS:
         raise ValueError(f"unknown reward model {name!r}; known: {', '.join(REWARD_FIELDS)}")
@@ -175,15 +176,16 @@ def build_reward(name: str, checkpoints: Optional[Mapping[str, object]] = None, 
         "aesthetic": aesthetic.AestheticReward,
         "text_alignment": text_alignment.VideoAlignReward,
     }
-    proxy_classes = {
+    weight_free = {
         "proxy_motion": proxies.FrameDifferenceMotion,
         "proxy_flicker": proxies.TemporalFlicker,
         "proxy_smoothness": proxies.BlendSmoothness,
         "proxy_sharpness_drift": proxies.SharpnessDrift,
         "proxy_brightness": proxies.Brightness,
+        "world": world.WorldReward,
     }
-    if name in proxy_classes:
-        return proxy_classes[name](device=device, **kwargs)
+    if name in weight_free:
+        return weight_free[name](device=device, **kwargs)
     kwargs["allow_pickle"] = allow_pickle
     if isinstance(spec, Mapping):
         return factories[name](**{**kwargs, **spec}, random_init=random_init, device=device, dtype=dtype)

@@ -7,7 +7,9 @@ against its prompt; a small clip encoder gives a Fréchet distance.
 
 Modules: :mod:`.scene` (vocabulary, sampling, train/held-out split), :mod:`.captions` (grammar),
 :mod:`.render` (renderer, ground truth), :mod:`.data` (datasets), :mod:`.metrics` (detector, scores,
-Fréchet distance), :mod:`.features` (encoder). numpy-only modules are imported eagerly; ``metrics`` (scipy),
+Fréchet distance), :mod:`.features` (encoder), :mod:`.stack` (the small model stack), :mod:`.evaluate` (the
+report's protocol), :mod:`.recipe` (VAE -> teacher -> ODE init -> RAVEN -> CM-GRPO), :mod:`.shipped`
+(``pretrained()``, the default model). numpy-only modules are imported eagerly; ``metrics`` (scipy),
 ``data`` and ``features`` (torch, datasets) load on first use of one of their names.
 """
 
@@ -36,6 +38,9 @@ from .scene import (
 )
 
 _LAZY = {
+    "pretrained": "shipped",
+    "pretrained_path": "shipped",
+    "vae_path": "shipped",
     "ACCURACY_KEYS": "metrics",
     "Detection": "metrics",
     "VideoScore": "metrics",
@@ -93,3 +98,4 @@ if TYPE_CHECKING:  # pragma: no cover
         score_video,
         score_videos,
     )
+    from .shipped import pretrained, pretrained_path, vae_path

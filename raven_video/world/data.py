@@ -64,8 +64,9 @@ def prompt_dataset(num_prompts: int, split: str = "train", evaluation: bool = Fa
 def write_prompt_file(path: str, num_prompts: int, split: str = "heldout", evaluation: bool = True, start: int = 0,
                       height: int = 64, width: int = 64, caption_frames: int = 81, max_objects: int = 3) -> list[str]:
     """Write the prompts of :func:`prompt_dataset` to ``path``, one per line; returns them."""
-    rows = prompt_dataset(num_prompts, split, evaluation, start, height, width, caption_frames, max_objects)
-    prompts = list(rows["prompt"])
+    _check_split(split)  # the prompts of prompt_dataset, without needing the datasets library
+    prompts = [prompt_for_seed(seed, split, height, width, caption_frames, max_objects)
+               for seed in world_seeds(num_prompts, evaluation, start)]
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     with open(path, "w", encoding="utf-8") as handle:

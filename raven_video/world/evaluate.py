@@ -1,0 +1,164 @@
+"""Evaluate models of the world against its ground truth (``scripts/evaluate_world.py``, ``docs/world.md``).
+
+One protocol for every row of the report, on held-out prompt combinations and evaluation seeds
+(``split="heldout"``, seeds from ``HELDOUT_SEED_OFFSET``): the video of seed ``s`` starts from noise drawn by
+``torch.Generator().manual_seed(s)`` and is scored against its own prompt by
+:func:`~raven_video.world.metrics.score_video` (per 81-frame window), plus a Fréchet distance of clip-encoder
+features against the rendered clips of the same seeds.
+
+* ``reference``: the rendered clips themselves (the ceiling of every metric);
+* ``reconstruction``: those clips through the VAE (encode, decode): the ceiling of any model in its latent space;
+* ``teacher``: a bidirectional teacher, Euler PF-ODE with classifier-free guidance (the upper reference);
+* ``student``: a causal few-step pipeline at 1x, 2x and 4x the training length (81 frames), the longer ones with a
+  sliding attention window and a sink (LongLive style), reported per window so drift shows.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..pipelines.vae_streaming import decode_videos
+from ..utils.video_io import frame_strip, to_uint8_frames
+from .data import frames_to_tensor, world_seeds
+from .metrics import score_video
+from .render import prompt_for_seed, render_clip
+
+__all__ = ["EvalSet", "heldout_set", "reference_videos", "reconstructed_videos", "student_videos", "teacher_videos",
+           "score", "TRAINING_FRAMES", "frames_for_length"]
+
+TRAINING_FRAMES = 81
+
+
+def frames_for_length(multiple: int, training_frames: int = TRAINING_FRAMES, chunk: int = 3) -> int:
+    """Pixel frames of ``multiple`` times the training length in whole chunks: 81 (21 latent frames) -> 165, 333."""
+    latent = ((training_frames - 1) // 4 + 1) * multiple
+    latent -= latent % chunk
+    return 4 * (latent - 1) + 1
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """Seeds and prompts of an evaluation (``split`` ``heldout``: prompt combinations never trained on)."""
+
+    seeds: tuple[int, ...]
+    prompts: tuple[str, ...]
+    split: str = "heldout"
+
+
+def heldout_set(num_prompts: int, split: str = "heldout", start: int = 0) -> EvalSet:
+    seeds = tuple(world_seeds(num_prompts, evaluation=True, start=start))
+    return EvalSet(seeds, tuple(prompt_for_seed(s, split) for s in seeds), split)
+
+
+def reference_videos(evalset: EvalSet, num_frames: int = TRAINING_FRAMES) -> list[np.ndarray]:
+    """The rendered ground-truth clips, uint8 ``[F, 64, 64, 3]``."""
+    return [render_clip(seed, num_frames=num_frames, split=evalset.split).frames for seed in evalset.seeds]
+
+
+@torch.no_grad()
+def reconstructed_videos(vae, videos: list[np.ndarray], batch_size: int = 8) -> list[np.ndarray]:
+    """``videos`` through the VAE (posterior mode, decode)."""
+    out = []
+    device = next(vae.parameters()).device
+    for start in range(0, len(videos), batch_size):
+        clips = torch.stack([frames_to_tensor(v) for v in videos[start:start + batch_size]]).to(device, vae.dtype)
+        decoded = vae.decode(vae.encode(clips).latent_dist.mode()).sample.float().clamp(-1, 1)
+        out.extend(to_uint8_frames(v, value_range=(-1, 1), layout="CFHW") for v in decoded.cpu())
+    return out
+
+
+def _noise(seeds, shape, device) -> torch.Tensor:
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(device)
+
+
+@torch.no_grad()
+def student_videos(pipe, evalset: EvalSet, num_frames: int = TRAINING_FRAMES, batch_size: int = 16,
+                   local_attn_size: int | None = None, sink_size: int | None = None) -> list[np.ndarray]:
+    """A causal few-step pipeline's videos (uint8) of the set's prompts, initial noise seeded by each seed."""
+    device = pipe._execution_device
+    latent_frames = pipe.latent_frames(num_frames)
+    s = pipe.vae_scale_factor_spatial
+    shape = (pipe.transformer.config.in_channels, latent_frames, pipe.config.height // s, pipe.config.width // s)
+    videos = []
+    for start in range(0, len(evalset.seeds), batch_size):
+        seeds = evalset.seeds[start:start + batch_size]
+        frames = pipe(prompt=list(evalset.prompts[start:start + batch_size]), num_frames=num_frames,
+                      latents=_noise(seeds, shape, device),
+                      generator=[torch.Generator().manual_seed(seed + 1) for seed in seeds],
+                      local_attn_size=local_attn_size, sink_size=sink_size, output_type="np").frames
+        videos.extend(to_uint8_frames(v) for v in frames)
+    return videos
+
+
+@torch.no_grad()
+def teacher_videos(pipe, evalset: EvalSet, num_steps: int = 48, guidance_scale: float = 3.0,
+                   negative_prompt: str = "", shift: float | None = None, batch_size: int = 16,
+                   num_frames: int = TRAINING_FRAMES) -> list[np.ndarray]:
+    """A bidirectional teacher's videos: Euler PF-ODE, ``num_steps`` on the shifted grid, CFG against
+    ``negative_prompt`` (the empty prompt for a teacher trained with condition dropout)."""
+    from ..sampling.flow import DEFAULT_SHIFT
+    from ..training.ode import teacher_trajectory
+
+    device = pipe._execution_device
+    transformer = pipe.transformer
+    s = pipe.vae_scale_factor_spatial
+    shape = (transformer.config.in_channels, pipe.latent_frames(num_frames), pipe.config.height // s,
+             pipe.config.width // s)
+    encode_kwargs = dict(do_classifier_free_guidance=False, num_videos_per_prompt=1,
+                         max_sequence_length=pipe.config.max_sequence_length, device=device)
+    negative, _ = pipe.encode_prompt(prompt=[negative_prompt], **encode_kwargs)
+    videos = []
+    for start in range(0, len(evalset.seeds), batch_size):
+        seeds = evalset.seeds[start:start + batch_size]
+        text, _ = pipe.encode_prompt(prompt=list(evalset.prompts[start:start + batch_size]), **encode_kwargs)
+        latents = teacher_trajectory(transformer, text, _noise(seeds, shape, device), pipe.config.denoising_timesteps,
+                                     num_steps=num_steps, kind="bidirectional", guidance_scale=guidance_scale,
+                                     negative_text=negative.expand(len(seeds), -1, -1),
+                                     shift=DEFAULT_SHIFT if shift is None else shift).endpoints
+        decoded = decode_videos(pipe.vae, latents.to(pipe.vae.dtype), batch_size=len(seeds))
+        videos.extend(to_uint8_frames(v, value_range=(-1, 1), layout="FCHW") for v in decoded)
+    return videos
+
+
+def _score_one(item):
+    video, prompt = item
+    result = score_video(video, prompt, window=TRAINING_FRAMES, caption_frames=TRAINING_FRAMES)
+    return result.summary, result.windows
+
+
+def score(videos: list[np.ndarray], evalset: EvalSet, encoder=None, reference: list[np.ndarray] | None = None,
+          workers: int | None = None, strip: str | None = None) -> dict[str, float]:
+    """Mean world scores of ``videos`` against the set's prompts (summary keys, and ``window{i}/<key>`` per
+    81-frame window), plus ``frechet`` (the first 81 frames vs ``reference``) and ``frechet_last_window`` (the last
+    81 frames: drift) when an ``encoder`` is given; ``strip``: write a PNG of the first 4 videos there."""
+    from .features import clip_frechet_distance
+
+    workers = workers if workers is not None else min(16, os.cpu_count() or 1)
+    items = list(zip(videos, evalset.prompts))
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            results = list(pool.map(_score_one, items, chunksize=4))
+    else:
+        results = [_score_one(item) for item in items]
+    collected: dict[str, list[float]] = {}
+    for summary, windows in results:
+        for key, value in summary.items():
+            collected.setdefault(key, []).append(value)
+        for index, window in enumerate(windows):
+            for key, value in window.items():
+                collected.setdefault(f"window{index}/{key}", []).append(value)
+    out = {key: float(np.nanmean(values)) if not np.isnan(values).all() else float("nan")
+           for key, values in collected.items()}
+    if encoder is not None and reference is not None:
+        out["frechet"] = clip_frechet_distance(encoder, [v[:TRAINING_FRAMES] for v in videos], reference)
+        if len(videos[0]) > TRAINING_FRAMES:
+            out["frechet_last_window"] = clip_frechet_distance(encoder, [v[-TRAINING_FRAMES:] for v in videos],
+                                                               reference)
+    if strip is not None:
+        frame_strip(np.stack(videos[:4]), strip)
+    return out

@@ -1,0 +1,119 @@
+#!/usr/bin/env python
+"""Score world models against the ground truth on held-out prompt combinations (``docs/world.md``).
+
+    python scripts/evaluate_world.py --model runs/world/final --teacher runs/world/teacher --references \\
+        --num_prompts 64 --output runs/world/eval.json
+    python scripts/evaluate_world.py --model raven_video/world/pretrained --lengths 1,2,4   # the shipped model
+
+Writes one JSON (``{"reference": ..., "reconstruction": ..., "teacher": ..., "student": {"1x": ..., "2x": ...}}``,
+every entry the mean world scores of :mod:`raven_video.world.evaluate`) and a PNG frame strip per row beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+from raven_video.pipelines.pipeline_causal_wan import CausalWanPipeline
+from raven_video.world import evaluate as ev
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=None, help="CausalWanPipeline folder of a causal few-step student")
+    p.add_argument("--teacher", default=None, help="CausalWanPipeline folder of a bidirectional teacher")
+    p.add_argument("--references", action="store_true", help="also score the rendered clips and their VAE "
+                   "reconstructions (the VAE of --model or --teacher)")
+    p.add_argument("--num_prompts", type=int, default=64)
+    p.add_argument("--split", default="heldout", choices=("heldout", "train"),
+                   help="heldout: prompt combinations never trained on (evaluation seeds either way)")
+    p.add_argument("--lengths", default="1,2,4", help="multiples of the 81-frame training length for --model")
+    p.add_argument("--local_attn_size", type=int, default=21, help="latent frames of the window beyond 1x")
+    p.add_argument("--sink_size", type=int, default=3, help="latent frames of the sink beyond 1x")
+    p.add_argument("--teacher_steps", type=int, default=48)
+    p.add_argument("--teacher_guidance", type=float, default=3.0)
+    p.add_argument("--encoder", default=None, help="clip-encoder folder for the Fréchet distance (save_encoder); "
+                   "default: the one shipped with the world model, if any")
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--workers", type=int, default=None, help="processes scoring videos (default: up to 16)")
+    p.add_argument("--output", required=True, help="JSON file to write (PNG strips go beside it)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    if not (args.model or args.teacher or args.references):
+        p.error("nothing to evaluate: pass --model, --teacher and/or --references.")
+    if args.references and not (args.model or args.teacher):
+        p.error("--references needs the VAE of --model or --teacher.")
+    try:
+        args.lengths = [int(v) for v in args.lengths.split(",") if v.strip()]
+    except ValueError:
+        p.error(f"--lengths {args.lengths!r}: give comma-separated integers, e.g. 1,2,4.")
+    if not args.lengths or min(args.lengths) < 1 or args.num_prompts < 2:
+        p.error(f"--lengths {args.lengths} must be >= 1 and --num_prompts {args.num_prompts} >= 2.")
+    for name in ("model", "teacher", "encoder"):
+        path = getattr(args, name)
+        if path is not None and not os.path.isdir(path):
+            p.error(f"--{name} {path!r} is not a folder.")
+    return args
+
+
+def load(path, device):
+    pipe = CausalWanPipeline.from_pretrained(path).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from raven_video.world.features import load_encoder
+    from raven_video.world.shipped import default_encoder_dir
+
+    encoder_dir = args.encoder or default_encoder_dir()
+    encoder = load_encoder(encoder_dir) if encoder_dir else None
+    evalset = ev.heldout_set(args.num_prompts, split=args.split)
+    reference = ev.reference_videos(evalset)
+    stem = os.path.splitext(args.output)[0]
+    report, timings = {"num_prompts": args.num_prompts, "split": args.split}, {}
+
+    def record(name, videos, key=None):
+        report[name] = ev.score(videos, evalset, encoder, reference, args.workers, strip=f"{stem}-{key or name}.png")
+        print(f"{key or name}: world_score {report[name]['world_score']:.3f}", file=sys.stderr)
+        return report[name]
+
+    student = load(args.model, args.device) if args.model else None
+    teacher = load(args.teacher, args.device) if args.teacher else None
+    if args.references:
+        record("reference", reference)
+        record("reconstruction", ev.reconstructed_videos((student or teacher).vae, reference))
+    if teacher is not None:
+        tic = time.perf_counter()
+        record("teacher", ev.teacher_videos(teacher, evalset, args.teacher_steps, args.teacher_guidance,
+                                            batch_size=args.batch_size))
+        timings["teacher_seconds"] = time.perf_counter() - tic
+    if student is not None:
+        report["student"] = {}
+        for length in args.lengths:
+            tic = time.perf_counter()
+            long = length > 1
+            videos = ev.student_videos(student, evalset, num_frames=ev.frames_for_length(length),
+                                       batch_size=args.batch_size,
+                                       local_attn_size=args.local_attn_size if long else None,
+                                       sink_size=args.sink_size if long else None)
+            timings[f"student_{length}x_seconds"] = time.perf_counter() - tic
+            report["student"][f"{length}x"] = ev.score(videos, evalset, encoder, reference, args.workers,
+                                                       strip=f"{stem}-student-{length}x.png")
+            print(f"student {length}x: world_score {report['student'][f'{length}x']['world_score']:.3f}",
+                  file=sys.stderr)
+    report["seconds"] = timings
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with open(args.output, "w", encoding="utf-8") as handle:
+        json.dump(report, handle, indent=1, sort_keys=True)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""The world's small model stack: tokenizer, frozen text encoder, pipeline assembly."""
+
+import torch
+
+from raven_video.pipelines.pipeline_causal_wan import CausalWanPipeline
+from raven_video.testing import tiny_causal_transformer, tiny_vae
+from raven_video.world.captions import VOCABULARY, caption
+from raven_video.world.scene import BACKGROUNDS, COLOURS, sample_scene
+from raven_video.world.stack import MAX_SEQUENCE_LENGTH, TEXT_DIM, world_pipeline, world_text_encoder, world_tokenizer
+
+
+def _embed(texts):
+    tokenizer, encoder = world_tokenizer(), world_text_encoder()
+    ids = tokenizer(texts, padding="max_length", max_length=MAX_SEQUENCE_LENGTH, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = encoder(ids.input_ids, attention_mask=ids.attention_mask).last_hidden_state
+    return hidden, ids.attention_mask[..., None].float()
+
+
+def _ridge_accuracy(features, labels, classes, train):
+    """Accuracy on the held-out rows of a ridge-regression one-vs-all probe fitted on the first ``train`` rows."""
+    design = torch.cat([features, torch.ones(len(features), 1)], 1).double()
+    targets = torch.nn.functional.one_hot(labels, classes).double()
+    a, y = design[:train], targets[:train]
+    weights = torch.linalg.solve(a.T @ a + 1e-2 * torch.eye(a.shape[1], dtype=a.dtype), a.T @ y)
+    return float(((design[train:] @ weights).argmax(1) == labels[train:]).double().mean())
+
+
+def test_tokenizer_covers_the_vocabulary_and_marks_unknown_words():
+    tokenizer = world_tokenizer()
+    ids = tokenizer(" ".join(VOCABULARY)).input_ids
+    assert ids[-1] == tokenizer.eos_token_id and tokenizer.unk_token_id not in ids
+    assert len(ids) == len(VOCABULARY) + 1
+    assert tokenizer("a red zebra").input_ids[2] == tokenizer.unk_token_id
+    assert tokenizer("A RED circle").input_ids == tokenizer("a red circle").input_ids  # normalised to lower case
+
+
+def test_frozen_text_encoder_is_deterministic_and_leaves_the_global_rng_alone():
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    a, b = world_text_encoder(), world_text_encoder()
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert not any(p.requires_grad for p in a.parameters()) and a.config.d_model == TEXT_DIM
+
+
+def test_a_linear_probe_on_the_frozen_embeddings_reads_the_caption():
+    """Why a frozen random encoder suffices: each object's colour and the background are linearly decodable."""
+    scenes = [sample_scene(seed) for seed in range(1200)]
+    hidden, mask = _embed([caption(scene) for scene in scenes])
+    colours, backgrounds = list(COLOURS), list(BACKGROUNDS)
+    first_colour = torch.tensor([colours.index(s.objects[0].colour) for s in scenes])
+    assert _ridge_accuracy(hidden[:, 1], first_colour, len(colours), 1000) >= 0.95  # "a <colour> <shape> ..."
+    pooled = (hidden * mask).sum(1) / mask.sum(1)
+    background = torch.tensor([backgrounds.index(s.background) for s in scenes])
+    assert _ridge_accuracy(pooled, background, len(backgrounds), 1000) >= 0.95
+
+
+def test_world_pipeline_round_trips_with_its_native_size_and_text_length(tmp_path):
+    pipe = world_pipeline(tiny_vae(), tiny_causal_transformer(text_dim=TEXT_DIM))
+    pipe.save_pretrained(tmp_path)
+    loaded = CausalWanPipeline.from_pretrained(tmp_path)
+    assert (loaded.config.height, loaded.config.width, loaded.config.fps) == (64, 64, 16)
+    assert loaded.config.max_sequence_length == MAX_SEQUENCE_LENGTH
+    text, _ = loaded.encode_prompt("a red circle moves right quickly, on a black background",
+                                   do_classifier_free_guidance=False,
+                                   max_sequence_length=loaded.config.max_sequence_length)
+    assert text.shape == (1, MAX_SEQUENCE_LENGTH, TEXT_DIM)
