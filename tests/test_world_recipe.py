@@ -59,3 +59,4 @@ def test_the_ode_initialised_student_beats_its_random_init_on_the_world_metrics(
     # gets some background frames right by chance
     assert student["background_accuracy"] >= 0.95 and student["background_accuracy"] > random_init[
         "background_accuracy"] + 0.15, (student, random_init)
+    assert student["world_score"] > random_init["world_score"]  # decoded noise is cluttered: no object credit

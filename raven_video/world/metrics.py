@@ -31,6 +31,9 @@ be partly hidden; only reliable frames are used to judge shape, size and motion.
 * ``persistence_accuracy``: frames where an object is found and, when reliable, keeps the window's modal shape,
   its median size (within 25 %, not for ``grows``) and does not jump more than ``3 * 1.6`` px/frame (at 64 px).
 
+A *cluttered* frame, with more than ``CLUTTER_MARGIN`` (2) components beyond the prompted objects, shows none of
+them (decoded noise would otherwise find every colour somewhere and collect colour, motion and persistence credit).
+
 An accuracy that does not apply (no straight-line object for ``bounce_accuracy``, an object never measurable)
 is NaN, and ``world_score`` is the mean of the others. A prompted object never found in a window scores 0 on
 every motion metric there. Lengths are px at the video's resolution; speeds are scaled by ``min(H, W) / 64``.
@@ -92,6 +95,9 @@ class Detection:
 
 
 # ------------------------------------------------------------------------------------------------ detector
+
+#: A frame with more than ``prompted objects + CLUTTER_MARGIN`` components counts as showing none of them.
+CLUTTER_MARGIN = 2
 
 
 def _as_float_video(frames: np.ndarray) -> np.ndarray:
@@ -611,6 +617,9 @@ def _gather(video: np.ndarray, prompt: str, caption_frames: int, lag: int,
     scale = min(height, width) / BASE_RESOLUTION
     detections, backgrounds = _detect_video(video, background, None, 60.0)
     objects = parsed.scene.objects
+    # a cluttered frame (decoded noise, a broken sample) shows no prompted object: without this, blobs of every colour
+    # would collect colour, motion and persistence credit
+    detections = [frame if len(frame) <= len(objects) + CLUTTER_MARGIN else [] for frame in detections]
     tracks = _tracks(detections, objects)
     return _Evidence(
         objects=objects,
