@@ -39,6 +39,7 @@ from raven_video.cli.training import (
     check_distributed,
     check_run_args,
     create_hub_repo,
+    end_of_step,
     hub_base_model,
     init_trackers,
     latent_shape,
@@ -52,7 +53,6 @@ from raven_video.cli.training import (
     register_and_resume,
     resolve_resume,
     run_cli,
-    save_checkpoint,
     tiny_configs,
     trackers,
     usage_errors,
@@ -436,12 +436,7 @@ def main(input_args=None):
         accelerator.log(logs, step=global_step)
         if logs.get("skipped"):
             logger.warning("step %d: non-finite loss/gradient, optimizer step skipped", global_step)
-        stop = budget.expired()
-        if stop:
-            logger.info("--max_train_time %s s reached at step %d: stopping", args.max_train_time, global_step)
-        if stop or global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
-            path = save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
-            logger.info("saved %s", path)
+        stop = end_of_step(accelerator, args, budget, global_step)
         if (args.validation_steps and args.validation_prompts and global_step % args.validation_steps == 0
                 and accelerator.is_main_process):
             log_validation(args, accelerator, pipe, policy, global_step)

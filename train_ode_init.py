@@ -46,6 +46,7 @@ from raven_video.cli.training import (
     check_distributed,
     check_run_args,
     create_hub_repo,
+    end_of_step,
     hub_base_model,
     init_trackers,
     latent_shape,
@@ -60,7 +61,6 @@ from raven_video.cli.training import (
     register_and_resume,
     resolve_resume,
     run_cli,
-    save_checkpoint,
     tiny_configs,
     trackers,
     usage_errors,
@@ -74,7 +74,7 @@ from raven_video.sampling.flow import DEFAULT_SHIFT
 from raven_video.testing import tiny_causal_transformer, tiny_pipeline
 from raven_video.training.ema import EMA
 from raven_video.training.ode import TEACHER_KINDS, ode_regression_loss, teacher_trajectory
-from raven_video.training.raven_step import RAVEN_NEGATIVE_PROMPT
+from raven_video.training.raven_step import RAVEN_NEGATIVE_PROMPT, optimizer_step
 from raven_video.training.rollout import GeneratorForward, Rollout
 
 logger = logging.getLogger("train_ode_init")
@@ -304,11 +304,8 @@ def main(input_args=None):
         with accelerator.autocast():
             loss, logs = ode_regression_loss(student_train, rollout, step_index, encode([item_prompts[k] for k in keys]))
         accelerator.backward(loss)
-        grad_norm = accelerator.clip_grad_norm_(student_train.parameters(), args.max_grad_norm) \
-            if args.max_grad_norm > 0 else 0.0
-        optimizer.step()
+        grad_norm, _ = optimizer_step(student_train.parameters(), optimizer, args.max_grad_norm, accelerator.clip_grad_norm_)
         lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         if ema is not None:
             ema.update(student)
         global_step += 1
@@ -321,12 +318,7 @@ def main(input_args=None):
         bar.update(1)
         bar.set_postfix(loss=f"{logs['loss_avg100']:.4f}")
         accelerator.log(logs, step=global_step)
-        stop = budget.expired()
-        if stop:
-            logger.info("--max_train_time %s s reached at step %d: stopping", args.max_train_time, global_step)
-        if stop or global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
-            logger.info("saved %s", save_checkpoint(accelerator, args.output_dir, global_step,
-                                                    args.checkpoints_total_limit))
+        stop = end_of_step(accelerator, args, budget, global_step)
         if (args.validation_steps and args.validation_prompts and global_step % args.validation_steps == 0
                 and accelerator.is_main_process):
             log_validation(args, accelerator, pipe, student, global_step)

@@ -31,6 +31,7 @@ from raven_video.cli.training import (
     check_distributed,
     check_run_args,
     create_hub_repo,
+    end_of_step,
     hub_base_model,
     init_trackers,
     latent_shape,
@@ -45,7 +46,6 @@ from raven_video.cli.training import (
     register_and_resume,
     resolve_resume,
     run_cli,
-    save_checkpoint,
     tiny_configs,
     trackers,
     usage_errors,
@@ -372,12 +372,7 @@ def main(input_args=None):
         if logs.get("skipped_generator") or logs.get("skipped_critic"):
             logger.warning("step %d: non-finite gradient, optimizer step skipped (generator=%s, critic=%s)",
                            global_step, logs.get("skipped_generator"), logs.get("skipped_critic"))
-        stop = budget.expired()
-        if stop:
-            logger.info("--max_train_time %s s reached at step %d: stopping", args.max_train_time, global_step)
-        if stop or global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
-            path = save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
-            logger.info("saved %s", path)
+        stop = end_of_step(accelerator, args, budget, global_step)
         if (args.validation_steps and args.validation_prompts and global_step % args.validation_steps == 0
                 and accelerator.is_main_process):
             log_validation(args, accelerator, pipe, student, global_step)

@@ -38,6 +38,7 @@ from raven_video.cli.training import (
     check_distributed,
     check_run_args,
     create_hub_repo,
+    end_of_step,
     hub_base_model,
     init_trackers,
     latent_shape,
@@ -51,7 +52,6 @@ from raven_video.cli.training import (
     register_and_resume,
     resolve_resume,
     run_cli,
-    save_checkpoint,
     tiny_configs,
     trackers,
     usage_errors,
@@ -66,6 +66,7 @@ from raven_video.sampling.flow import DEFAULT_SHIFT
 from raven_video.testing import tiny_pipeline
 from raven_video.training.ema import EMA
 from raven_video.training.ode import teacher_trajectory
+from raven_video.training.raven_step import optimizer_step
 from raven_video.training.teacher import TEACHER_MODES, TeacherObjective
 from raven_video.utils.video_io import frame_strip, save_video, to_uint8_frames
 
@@ -267,11 +268,8 @@ def main(input_args=None):
         with accelerator.autocast():
             loss, logs = objective(latents, text, empty_text, generator)
         accelerator.backward(loss)
-        grad_norm = accelerator.clip_grad_norm_(objective.parameters(), args.max_grad_norm) \
-            if args.max_grad_norm > 0 else 0.0
-        optimizer.step()
+        grad_norm, _ = optimizer_step(objective.parameters(), optimizer, args.max_grad_norm, accelerator.clip_grad_norm_)
         lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         if ema is not None:
             ema.update(transformer)
         global_step += 1
@@ -285,12 +283,7 @@ def main(input_args=None):
         bar.update(1)
         bar.set_postfix(loss=f"{logs['loss_avg100']:.4f}")
         accelerator.log(logs, step=global_step)
-        stop = budget.expired()
-        if stop:
-            logger.info("--max_train_time %s s reached at step %d: stopping", args.max_train_time, global_step)
-        if stop or global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
-            logger.info("saved %s", save_checkpoint(accelerator, args.output_dir, global_step,
-                                                    args.checkpoints_total_limit))
+        stop = end_of_step(accelerator, args, budget, global_step)
         if (args.validation_steps and args.validation_prompts and global_step % args.validation_steps == 0
                 and accelerator.is_main_process):
             validate(args, accelerator, pipe, transformer, encode, empty_text, global_step)

@@ -35,6 +35,7 @@ from raven_video.cli.training import (
     check_distributed,
     check_run_args,
     create_hub_repo,
+    end_of_step,
     hub_base_model,
     init_trackers,
     make_optimizer,
@@ -42,12 +43,12 @@ from raven_video.cli.training import (
     register_and_resume,
     resolve_resume,
     run_cli,
-    save_checkpoint,
     trackers,
     usage_errors,
     write_model_card,
 )
 from raven_video.data.videos import VideoFolderDataset
+from raven_video.training.raven_step import optimizer_step
 from raven_video.training.vae import (
     VAE_INITS,
     NormWarmup,
@@ -265,11 +266,8 @@ def main(input_args=None):
         with accelerator.autocast():
             loss, logs = objective(video, generator)
         accelerator.backward(loss)
-        grad_norm = accelerator.clip_grad_norm_(objective.parameters(), args.max_grad_norm) \
-            if args.max_grad_norm > 0 else 0
-        optimizer.step()
+        grad_norm, _ = optimizer_step(objective.parameters(), optimizer, args.max_grad_norm, accelerator.clip_grad_norm_)
         lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         global_step += 1
         progress.global_step = global_step
         logs.update(loss=float(loss.detach()), grad_norm=float(grad_norm), lr=lr_scheduler.get_last_lr()[0],
@@ -282,12 +280,7 @@ def main(input_args=None):
             logs["val_psnr"] = validate(model, held_out, os.path.join(args.output_dir, "validation"), global_step)
             logger.info("step %d: held-out PSNR %.2f dB", global_step, logs["val_psnr"])
         accelerator.log(logs, step=global_step)
-        stop = budget.expired()
-        if stop:
-            logger.info("--max_train_time %s s reached at step %d: stopping", args.max_train_time, global_step)
-        if stop or global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
-            logger.info("saved %s", save_checkpoint(accelerator, args.output_dir, global_step,
-                                                    args.checkpoints_total_limit))
+        stop = end_of_step(accelerator, args, budget, global_step)
     bar.close()
 
     # --- export: the VAE with its latent statistics, the held-out PSNR, a model card

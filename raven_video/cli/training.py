@@ -194,6 +194,17 @@ class TimeBudget:
         return bool(flag.item())
 
 
+def end_of_step(accelerator, args, budget: TimeBudget, global_step: int) -> bool:
+    """The end of every training step: checkpoint every ``--checkpointing_steps``, at ``--max_train_steps`` and when
+    the ``--max_train_time`` budget runs out; returns whether to stop."""
+    stop = budget.expired()
+    if stop:
+        logger.info("--max_train_time %s s reached at step %d: stopping", args.max_train_time, global_step)
+    if stop or global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+        logger.info("saved %s", save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit))
+    return stop
+
+
 class TrainingProgress:
     """The global step, checkpointed with ``register_for_checkpointing``."""
 
