@@ -24,7 +24,8 @@ from raven_video.world import evaluate as ev
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                fromfile_prefix_chars="@")  # configs/world/evaluate.args, as the recipe passes it
     p.add_argument("--model", default=None, help="CausalWanPipeline folder of a causal few-step student")
     p.add_argument("--teacher", default=None, help="CausalWanPipeline folder of a bidirectional teacher")
     p.add_argument("--references", action="store_true", help="also score the rendered clips and their VAE "

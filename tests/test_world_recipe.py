@@ -60,3 +60,38 @@ def test_the_ode_initialised_student_beats_its_random_init_on_the_world_metrics(
     assert student["background_accuracy"] >= 0.95 and student["background_accuracy"] > random_init[
         "background_accuracy"] + 0.15, (student, random_init)
     assert student["world_score"] > random_init["world_score"]  # decoded noise is cluttered: no object credit
+
+
+def _load_script(path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"script_{os.path.basename(path)[:-3]}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("num_processes", [1, 2])
+def test_every_command_of_the_real_recipe_parses_with_its_script(tmp_path, num_processes):
+    """The full-size configs (``configs/world``) reach each script's own parser, ``@file`` arguments included (the
+    evaluate stage once failed on the GPU for want of ``fromfile_prefix_chars``)."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import world_recipe
+
+    args = world_recipe.parse_args(["--root", str(tmp_path), "--num_processes", str(num_processes)])
+    ctx = world_recipe.Context(root=str(tmp_path), config_dir=args.config_dir, num_processes=num_processes,
+                               main_process_port=None, extra={}, vae=None, num_train_prompts=8, num_eval_prompts=4,
+                               seed=0)
+    for folder in ("teacher", "ode_init", "raven", "cm_grpo/merged", "latents"):
+        os.makedirs(tmp_path / folder, exist_ok=True)
+    parsed = 0
+    for stage in world_recipe.STAGES:
+        if stage == "base":
+            continue
+        for command in world_recipe.commands(ctx, stage):
+            script = next(part for part in command if part.endswith(".py"))
+            argv = command[command.index(script) + 1:]
+            module = _load_script(script)
+            assert module.parse_args(argv) is not None, (stage, script)
+            parsed += 1
+    assert parsed == 11  # vae x2, latents, teacher, ode_init, raven, cm_grpo, evaluate x4
