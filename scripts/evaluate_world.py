@@ -38,6 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--sink_size", type=int, default=3, help="latent frames of the sink beyond 1x")
     p.add_argument("--teacher_steps", type=int, default=48)
     p.add_argument("--teacher_guidance", type=float, default=3.0)
+    p.add_argument("--teacher_shift", type=float, default=None,
+                   help="timestep shift of the teacher's Euler grid (default: the shift it was trained with, Wan's 5)")
     p.add_argument("--encoder", default=None, help="clip-encoder folder for the Fréchet distance (save_encoder); "
                    "default: the one shipped with the world model, if any")
     p.add_argument("--batch_size", type=int, default=16)
@@ -93,7 +95,7 @@ def main(argv=None):
     if teacher is not None:
         tic = time.perf_counter()
         record("teacher", ev.teacher_videos(teacher, evalset, args.teacher_steps, args.teacher_guidance,
-                                            batch_size=args.batch_size))
+                                            shift=args.teacher_shift, batch_size=args.batch_size))
         timings["teacher_seconds"] = time.perf_counter() - tic
     if student is not None:
         report["student"] = {}
