@@ -73,6 +73,43 @@ def test_self_attention_kernel_choice_keeps_outputs(eager_frames):
         pipe.transformer.set_self_attention_kernel("fa2")
 
 
+def test_fa4_falls_back_with_one_log_line_where_it_cannot_run(eager_frames, caplog):
+    import logging
+
+    pipe = tiny_pipeline(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    with caplog.at_level(logging.WARNING, logger="raven_video.models.transformer_causal_wan"):
+        pipe.enable_realtime(compile=False, cudnn_benchmark=False, self_attention_kernel="fa4")
+    lines = [r.getMessage() for r in caplog.records if "fa4" in r.getMessage()]
+    assert len(lines) == 1 and "needs a CUDA GPU" in lines[0], lines
+    out = pipe("a cat walks", generator=torch.Generator().manual_seed(0), output_type="pt", **SIZE).frames
+    torch.testing.assert_close(out, eager_frames, rtol=0, atol=1e-5)
+
+
+def test_fa4_kernel_is_what_the_streaming_self_attention_calls(eager_frames, monkeypatch):
+    """The FA4 seam on CPU: a stand-in kernel (SDPA on FA4's [B, L, H, D] layout) is called for every streaming
+    self-attention and gives the eager outputs."""
+    from raven_video.models import transformer_causal_wan as tcw
+
+    calls = []
+
+    def kernel(q, k, v):
+        calls.append(q.shape)
+        out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.transpose(1, 2), None  # FA4 returns (out, lse)
+
+    monkeypatch.setattr(tcw, "load_fa4", lambda device: (lambda q, k, v: kernel(q, k, v)[0], None))
+    pipe = tiny_pipeline(seed=0).enable_realtime(compile=False, cudnn_benchmark=False, self_attention_kernel="fa4")
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("a cat walks", generator=torch.Generator().manual_seed(0), output_type="pt", **SIZE).frames
+    torch.testing.assert_close(out, eager_frames, rtol=0, atol=1e-5)
+    assert len(calls) >= pipe.transformer.config.num_layers * 3  # every block, every chunk
+    pipe.transformer.set_self_attention_kernel(None)
+    calls.clear()
+    pipe("a cat walks", generator=torch.Generator().manual_seed(0), output_type="pt", **SIZE)
+    assert not calls
+
+
 def test_cuda_graph_runner_keeps_cache_addresses_and_stays_eager_on_cpu(eager_frames):
     """What CUDA graphs rely on, checked on CPU: one KV cache per stream shape (reset, not reallocated), text K/V
     rewritten in place for a new prompt, RoPE tables cached; on CPU the runner runs eagerly with equal outputs."""
