@@ -140,3 +140,27 @@ def test_cuda_graph_runner_keeps_cache_addresses_and_stays_eager_on_cpu(eager_fr
         out = pipe("a cat walks", generator=torch.Generator().manual_seed(0), output_type="pt", **SIZE).frames
         torch.testing.assert_close(out, eager_frames, rtol=0, atol=1e-5)
     assert graphs.graphs == {} and graphs.disabled_reason is None  # CPU: nothing captured
+
+
+def test_two_device_split_validates_and_falls_back_with_one_log_line(eager_frames, caplog):
+    """``enable_realtime(devices=(dit, vae))``: on this CPU-only machine a missing second GPU is one log line and the
+    outputs are the eager ones; malformed device pairs are clear errors."""
+    import logging
+
+    pipe = tiny_pipeline(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    with pytest.raises(ValueError, match=r"give \(transformer_device, vae_device\)"):
+        pipe.enable_realtime(compile=False, cudnn_benchmark=False, devices=("cpu",))
+    with pytest.raises(ValueError, match=r"call pipe.to\('cuda:0'\) first"):
+        pipe.enable_realtime(compile=False, cudnn_benchmark=False, devices=("cuda:0", "cpu"))
+    with caplog.at_level(logging.WARNING, logger="raven_video.pipelines.pipeline_causal_wan"):
+        pipe.enable_realtime(compile=False, cudnn_benchmark=False, devices=("cpu", "cuda:1"))
+    lines = [r.getMessage() for r in caplog.records if "devices=" in r.getMessage()]
+    assert len(lines) == 1 and "cuda:1 is not available here; decoding on cpu" in lines[0], lines
+    assert pipe._decode_device is None
+    out = pipe("a cat walks", generator=torch.Generator().manual_seed(0), output_type="pt", **SIZE).frames
+    torch.testing.assert_close(out, eager_frames, rtol=0, atol=1e-5)
+    same = tiny_pipeline(seed=0).enable_realtime(compile=False, cudnn_benchmark=False, devices=("cpu", "cpu"))
+    same.set_progress_bar_config(disable=True)
+    out = same("a cat walks", generator=torch.Generator().manual_seed(0), output_type="pt", **SIZE).frames
+    torch.testing.assert_close(out, eager_frames, rtol=0, atol=1e-5)

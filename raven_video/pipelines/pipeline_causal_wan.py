@@ -69,6 +69,7 @@ class _ChunkDecoder:
     def __init__(self, vae, video_processor, output_type, decoder=None, stream=None):
         self.decoder = StreamingWanDecoder(vae, decoder=decoder)
         self.vae, self.video_processor, self.output_type, self.stream = vae, video_processor, output_type, stream
+        self.device = vae.device  # the transformer's device, or a second GPU (enable_realtime(devices=...))
 
     @property
     def overlaps(self) -> bool:
@@ -76,10 +77,12 @@ class _ChunkDecoder:
 
     def submit(self, clean: torch.Tensor):
         if self.stream is None:
-            return self.decoder.decode_chunk(clean.to(self.vae.dtype))  # [B, 3, F_px, H, W] in [-1, 1]
+            return self.decoder.decode_chunk(clean.to(self.device, self.vae.dtype))  # [B, 3, F_px, H, W] in [-1, 1]
+        if clean.device != self.device:  # another GPU: a small peer copy, ordered after the transformer's work
+            clean = clean.to(self.device)
         ready = torch.cuda.Event()
-        ready.record()
-        with torch.cuda.stream(self.stream):
+        ready.record(torch.cuda.current_stream(self.device))
+        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
             self.stream.wait_event(ready)
             clean.record_stream(self.stream)
             pixels = self.decoder.decode_chunk(clean.to(self.vae.dtype))
@@ -139,6 +142,7 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
     _fast_decoder = None  # FastWanDecoder for the streaming VAE decode; None: diffusers' decoder
     _overlap_decode = False
     _side_stream = None
+    _decode_device = None  # enable_realtime(devices=(dit, vae)): the VAE decodes on a second GPU
 
     def __init__(
         self,
@@ -271,6 +275,7 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         vae_conv: str = "conv3d",
         vae_fuse: bool = True,
         cuda_graphs: bool = True,
+        devices: tuple[str | torch.device, str | torch.device] | None = None,
         **compile_kwargs,
     ) -> "CausalWanPipeline":
         """Turn on the fast streaming path (outputs equal the eager path up to kernel numerics; see BENCHMARKS.md).
@@ -300,7 +305,14 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             cuda_graphs: capture each streaming transformer call (per chunk position, denoising / cache pass) in a
                 CUDA graph on its second occurrence and replay it afterwards; the KV cache is then kept between
                 streams of the same shape. See :mod:`raven_video.pipelines.cuda_graphs`. On CPU it runs eagerly.
+            devices: ``(transformer_device, vae_device)``, e.g. ``("cuda:0", "cuda:1")``: the VAE moves to the second
+                GPU and decodes each chunk there, overlapped with the next chunk's transformer work (the frames stay
+                on that device). Call it after ``pipe.to(...)``. Falls back to one device, with one log line, where
+                the second device does not exist.
         """
+        self._decode_device = None
+        if devices is not None:
+            self._place_decoder(devices)
         if compile:
             self.transformer.compile_streaming(**compile_kwargs)
         if attention_backend is not None:
@@ -322,10 +334,33 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             self._realtime_denoiser = StreamingGraphs(self.transformer)
         return self
 
+    def _place_decoder(self, devices) -> None:
+        """``enable_realtime(devices=...)``: the VAE on the second device (validated), or one log line and no split."""
+        if not isinstance(devices, (tuple, list)) or len(devices) != 2:
+            raise ValueError(f"devices={devices!r}: give (transformer_device, vae_device), e.g. ('cuda:0', 'cuda:1').")
+        dit, vae = (torch.device(d) for d in devices)
+        if dit != self.transformer.device:
+            raise ValueError(f"devices[0]={str(dit)!r} but the transformer is on {self.transformer.device}: call "
+                             f"pipe.to({str(dit)!r}) first.")
+        missing = vae.type == "cuda" and (not torch.cuda.is_available() or (vae.index or 0) >= torch.cuda.device_count())
+        if missing or vae.type not in ("cuda", "cpu"):
+            logger.warning("enable_realtime(devices=%s): %s is not available here; decoding on %s", tuple(devices),
+                           vae, dit)
+            return
+        if vae != dit:
+            self.vae.to(vae)
+            self._decode_device = vae
+
+    @property
+    def _transformer_device(self) -> torch.device:
+        """Where the sampler runs: the execution device, or the transformer's own when the VAE is elsewhere."""
+        return self.transformer.device if self._decode_device is not None else self._execution_device
+
     def _decode_stream(self, device):
-        if self._overlap_decode and torch.device(device).type == "cuda":
-            if self._side_stream is None:
-                self._side_stream = torch.cuda.Stream(device=device)
+        decode_device = torch.device(self._decode_device or device)
+        if (self._overlap_decode or self._decode_device is not None) and decode_device.type == "cuda":
+            if self._side_stream is None or self._side_stream.device != decode_device:
+                self._side_stream = torch.cuda.Stream(device=decode_device)
             return self._side_stream
         return None
 
@@ -378,7 +413,7 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             raise ValueError("prompt_schedule needs a single `prompt` string (prompt switching is per stream).")
         if output_type not in ("np", "pt", "pil", "latent"):
             raise ValueError(f"output_type={output_type!r}; use 'np', 'pt', 'pil' or 'latent'.")
-        device = self._execution_device
+        device = self._transformer_device
 
         def encode(prompts):
             return self._encode(prompts, negative_prompt, guidance_scale, num_videos_per_prompt, max_sequence_length,
