@@ -164,3 +164,16 @@ def test_two_device_split_validates_and_falls_back_with_one_log_line(eager_frame
     same.set_progress_bar_config(disable=True)
     out = same("a cat walks", generator=torch.Generator().manual_seed(0), output_type="pt", **SIZE).frames
     torch.testing.assert_close(out, eager_frames, rtol=0, atol=1e-5)
+
+
+def test_fp8_realtime_path_stays_close_to_the_eager_one(eager_frames):
+    """``enable_realtime(fp8=True)`` runs the blocks' linears through ``torch._scaled_mm`` (this CPU build has it):
+    the frames move by FP8 rounding only."""
+    from raven_video.models.fp8 import Float8Linear
+
+    pipe = tiny_pipeline(seed=0).enable_realtime(compile=False, cudnn_benchmark=False, fp8=True)
+    pipe.set_progress_bar_config(disable=True)
+    assert any(isinstance(m, Float8Linear) for m in pipe.transformer.modules())
+    out = pipe("a cat walks", generator=torch.Generator().manual_seed(0), output_type="pt", **SIZE).frames
+    diff = (out - eager_frames).abs()
+    assert 0 < diff.mean() < 0.02 and diff.max() < 0.2, (diff.mean(), diff.max())  # measured: 0.006, 0.055

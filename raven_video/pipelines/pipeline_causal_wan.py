@@ -276,6 +276,7 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         vae_fuse: bool = True,
         cuda_graphs: bool = True,
         devices: tuple[str | torch.device, str | torch.device] | None = None,
+        fp8: bool = False,
         **compile_kwargs,
     ) -> "CausalWanPipeline":
         """Turn on the fast streaming path (outputs equal the eager path up to kernel numerics; see BENCHMARKS.md).
@@ -309,10 +310,17 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                 GPU and decodes each chunk there, overlapped with the next chunk's transformer work (the frames stay
                 on that device). Call it after ``pipe.to(...)``. Falls back to one device, with one log line, where
                 the second device does not exist.
+            fp8: FP8 linear layers (row-wise scaled ``torch._scaled_mm``) for the blocks' self-attention projections
+                and FFNs, attention in bf16 (:mod:`raven_video.models.fp8`; ~3 % relative error per layer). Inference
+                only; one log line and no change where FP8 GEMMs cannot run (GPUs before sm89).
         """
         self._decode_device = None
         if devices is not None:
             self._place_decoder(devices)
+        if fp8:
+            from ..models.fp8 import enable_fp8
+
+            enable_fp8(self.transformer)  # before compilation and CUDA-graph capture
         if compile:
             self.transformer.compile_streaming(**compile_kwargs)
         if attention_backend is not None:
