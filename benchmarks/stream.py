@@ -8,6 +8,8 @@ Prints ONE JSON line: fps, first_chunk_latency_s, per_chunk_ms, dit_only_s, peak
 
     python benchmarks/stream.py                  # H100/H200
     python benchmarks/stream.py --tiny           # CPU smoke test of the script itself
+    python benchmarks/stream.py --mode realtime-selfattn-fa4 --devices cuda:0,cuda:1      # FA4, VAE on a 2nd GPU
+    python benchmarks/stream.py --mode realtime --num_frames 961 --local_attn_size 21 --sink_size 3   # one minute
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ def run_once(pipe, text, args, device, output_type):
     tic = time.perf_counter()
     marks = []
     for chunk in pipe.stream(prompt_embeds=text, num_frames=args.num_frames, height=args.height, width=args.width,
-                             generator=torch.Generator(device="cpu").manual_seed(0), output_type=output_type):
+                             generator=torch.Generator(device="cpu").manual_seed(0), output_type=output_type,
+                             local_attn_size=args.local_attn_size, sink_size=args.sink_size):
         sync(device)
         marks.append(time.perf_counter() - tic)
     total = marks[-1]
@@ -79,7 +82,18 @@ def main():
     p.add_argument("--vae_conv", default="conv3d", help="realtime modes: enable_realtime(vae_conv=...) (taps2d, ...)")
     p.add_argument("--no_vae_fuse", action="store_true", help="realtime modes: enable_realtime(vae_fuse=False)")
     p.add_argument("--no_cuda_graphs", action="store_true", help="realtime modes: enable_realtime(cuda_graphs=False)")
+    p.add_argument("--devices", default=None,
+                   help="realtime modes: enable_realtime(devices=(a, b)), e.g. cuda:0,cuda:1 (VAE on the second GPU)")
+    p.add_argument("--preview_decoder", default=None,
+                   help="realtime modes: 'random' (TAEHV architecture, random weights: same speed) or a taew2_1 "
+                        ".safetensors file: enable_realtime(preview_decoder=...) instead of the Wan VAE")
+    p.add_argument("--fp8", action="store_true", help="realtime modes: enable_realtime(fp8=True) (FP8 linear layers)")
+    p.add_argument("--local_attn_size", type=int, default=None, help="KV window (latent frames) for long streams")
+    p.add_argument("--sink_size", type=int, default=None, help="sink (latent frames) for long streams")
     args = p.parse_args()
+    devices = tuple(args.devices.split(",")) if args.devices else None
+    if args.mode == "eager" and (devices or args.fp8 or args.preview_decoder):
+        p.error("--devices / --fp8 / --preview_decoder need a realtime mode (they are enable_realtime options).")
     if args.tiny:
         args.num_frames, args.height, args.width, args.repeats = 33, 64, 96, 1
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
@@ -94,8 +108,14 @@ def main():
         # reference output of the eager path, for the equality check of the optimised path
         eager_latents = torch.cat([c.latents for c in pipe.stream(
             prompt_embeds=text, num_frames=args.num_frames, height=args.height, width=args.width,
-            generator=torch.Generator(device="cpu").manual_seed(0), output_type="latent")], dim=2)
+            generator=torch.Generator(device="cpu").manual_seed(0), output_type="latent",
+            local_attn_size=args.local_attn_size, sink_size=args.sink_size)], dim=2)
         kwargs = {"mode": args.compile_mode} if args.compile_mode else {}
+        preview = args.preview_decoder
+        if preview == "random":
+            from raven_video.pipelines.preview_decoder import TAEHVDecoder
+
+            preview = TAEHVDecoder()
         pipe.enable_realtime(
             overlap_decode=args.mode != "realtime-nooverlap",
             attention_backend="_native_cudnn" if args.mode == "realtime-cudnn-attn" else None,
@@ -103,6 +123,9 @@ def main():
             vae_conv=args.vae_conv,
             vae_fuse=not args.no_vae_fuse,
             cuda_graphs=not args.no_cuda_graphs,
+            devices=devices,
+            fp8=args.fp8,
+            preview_decoder=preview,
             **kwargs,
         )
     tic = time.perf_counter()
@@ -110,17 +133,22 @@ def main():
     warmup_s = time.perf_counter() - tic
     run_once(pipe, text, args, device, "pt")
     if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+        for index in range(torch.cuda.device_count()):
+            torch.cuda.reset_peak_memory_stats(index)
     runs = [run_once(pipe, text, args, device, "pt") for _ in range(args.repeats)]
     best = min(runs, key=lambda r: r[0])
     dit_only = min(run_once(pipe, text, args, device, "latent")[0] for _ in range(args.repeats))
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
-    max_diff = None
+    # the largest per-GPU peak (with --devices the VAE's GPU counts too)
+    peak = max(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())) / 2**30 \
+        if device == "cuda" else None
+    max_diff = mean_diff = None
     if eager_latents is not None:
         fast = torch.cat([c.latents for c in pipe.stream(
             prompt_embeds=text, num_frames=args.num_frames, height=args.height, width=args.width,
-            generator=torch.Generator(device="cpu").manual_seed(0), output_type="latent")], dim=2)
+            generator=torch.Generator(device="cpu").manual_seed(0), output_type="latent",
+            local_attn_size=args.local_attn_size, sink_size=args.sink_size)], dim=2)
         max_diff = (fast - eager_latents).abs().max().item()
+        mean_diff = (fast - eager_latents).abs().mean().item()
 
     from raven_video.eval.speed import floor_seconds, stream_flops
 
@@ -153,12 +181,21 @@ def main():
         "fps": round(args.num_frames / best[0], 2),
         "first_chunk_latency_s": round(best[1][0], 4),
         "per_chunk_ms": [round(1000 * t, 1) for t in best[1]],
+        "devices": list(devices) if devices else None,
+        "local_attn_size": args.local_attn_size,
+        "sink_size": args.sink_size,
+        # constant per-chunk cost on long streams: the later half's chunks against the earlier half's (after chunk 0)
+        "per_chunk_ms_first_half_mean": round(1000 * sum(best[1][1:len(best[1]) // 2]) / max(1, len(best[1]) // 2 - 1), 1),
+        "per_chunk_ms_second_half_mean": round(1000 * sum(best[1][len(best[1]) // 2:]) / max(1, len(best[1]) - len(best[1]) // 2), 1),
         "dit_only_s": round(dit_only, 4),
         "vae_and_overhead_s": round(best[0] - dit_only, 4),
         "all_runs_s": [round(r[0], 4) for r in runs],
         "peak_mem_gb": round(peak, 2) if peak is not None else None,
         "warmup_s": round(warmup_s, 2),
         "max_abs_diff_vs_eager_latents": max_diff,
+        "mean_abs_diff_vs_eager_latents": mean_diff,
+        "fp8": args.fp8,
+        "preview_decoder": args.preview_decoder,
         "cuda_graphs_captured": len(graphs.graphs) if graphs else None,
         "cuda_graphs_disabled_reason": graphs.disabled_reason if graphs else None,
         "flops": flops.as_dict(),

@@ -177,3 +177,27 @@ def test_fp8_realtime_path_stays_close_to_the_eager_one(eager_frames):
     out = pipe("a cat walks", generator=torch.Generator().manual_seed(0), output_type="pt", **SIZE).frames
     diff = (out - eager_frames).abs()
     assert 0 < diff.mean() < 0.02 and diff.max() < 0.2, (diff.mean(), diff.max())  # measured: 0.006, 0.055
+
+
+def test_preview_decoder_decodes_the_stream_chunk_by_chunk(tmp_path):
+    """``enable_realtime(preview_decoder=...)``: the frames are TAEHV's one-shot decode of the same latents (the
+    transformer's work is unchanged), from a TAEHVDecoder or a safetensors file; a pickle path is refused."""
+    from safetensors.torch import save_file
+
+    from raven_video.pipelines.preview_decoder import TAEHVDecoder
+
+    torch.manual_seed(0)
+    preview = TAEHVDecoder()
+    pipe = tiny_pipeline(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    latents = pipe("a cat walks", generator=torch.Generator().manual_seed(0), output_type="latent", **SIZE).frames
+    expected = (preview.decode(latents).permute(0, 2, 1, 3, 4) + 1) / 2  # [B, F, 3, H, W] in [0, 1]
+    save_file(preview.state_dict(), str(tmp_path / "taew.safetensors"))
+    for source in (preview, str(tmp_path / "taew.safetensors")):
+        fast = tiny_pipeline(seed=0).enable_realtime(compile=False, cudnn_benchmark=False, preview_decoder=source)
+        fast.set_progress_bar_config(disable=True)
+        frames = fast("a cat walks", generator=torch.Generator().manual_seed(0), output_type="pt", **SIZE).frames
+        assert frames.shape == expected.shape == (1, 33, 3, 32, 48)
+        torch.testing.assert_close(frames, expected, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="allow_pickle=True"):
+        tiny_pipeline(seed=0).enable_realtime(compile=False, preview_decoder=str(tmp_path / "taew.pth"))

@@ -66,10 +66,17 @@ class _ChunkDecoder:
     """Streaming VAE decode of each chunk, optionally on a side CUDA stream (``submit`` returns at once; ``result``
     waits for that chunk only)."""
 
-    def __init__(self, vae, video_processor, output_type, decoder=None, stream=None):
-        self.decoder = StreamingWanDecoder(vae, decoder=decoder)
-        self.vae, self.video_processor, self.output_type, self.stream = vae, video_processor, output_type, stream
-        self.device = vae.device  # the transformer's device, or a second GPU (enable_realtime(devices=...))
+    def __init__(self, vae, video_processor, output_type, decoder=None, stream=None, preview=None):
+        if preview is not None:  # enable_realtime(preview_decoder=...): TAEHV instead of the Wan VAE
+            from .preview_decoder import TAEHVStreamingDecoder
+
+            self.decoder, module = TAEHVStreamingDecoder(preview), preview
+        else:
+            self.decoder, module = StreamingWanDecoder(vae, decoder=decoder), vae
+        self.video_processor, self.output_type, self.stream = video_processor, output_type, stream
+        parameter = next(module.parameters())
+        # the transformer's device, or a second GPU (enable_realtime(devices=...))
+        self.device, self.dtype = parameter.device, parameter.dtype
 
     @property
     def overlaps(self) -> bool:
@@ -77,7 +84,7 @@ class _ChunkDecoder:
 
     def submit(self, clean: torch.Tensor):
         if self.stream is None:
-            return self.decoder.decode_chunk(clean.to(self.device, self.vae.dtype))  # [B, 3, F_px, H, W] in [-1, 1]
+            return self.decoder.decode_chunk(clean.to(self.device, self.dtype))  # [B, 3, F_px, H, W] in [-1, 1]
         if clean.device != self.device:  # another GPU: a small peer copy, ordered after the transformer's work
             clean = clean.to(self.device)
         ready = torch.cuda.Event()
@@ -85,7 +92,7 @@ class _ChunkDecoder:
         with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
             self.stream.wait_event(ready)
             clean.record_stream(self.stream)
-            pixels = self.decoder.decode_chunk(clean.to(self.vae.dtype))
+            pixels = self.decoder.decode_chunk(clean.to(self.dtype))
             done = torch.cuda.Event()
             done.record(self.stream)
         return pixels, done
@@ -143,6 +150,7 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
     _overlap_decode = False
     _side_stream = None
     _decode_device = None  # enable_realtime(devices=(dit, vae)): the VAE decodes on a second GPU
+    _preview_decoder = None  # enable_realtime(preview_decoder=...): a TAEHVDecoder decodes the stream
 
     def __init__(
         self,
@@ -277,6 +285,7 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         cuda_graphs: bool = True,
         devices: tuple[str | torch.device, str | torch.device] | None = None,
         fp8: bool = False,
+        preview_decoder=None,
         **compile_kwargs,
     ) -> "CausalWanPipeline":
         """Turn on the fast streaming path (outputs equal the eager path up to kernel numerics; see BENCHMARKS.md).
@@ -313,6 +322,9 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             fp8: FP8 linear layers (row-wise scaled ``torch._scaled_mm``) for the blocks' self-attention projections
                 and FFNs, attention in bf16 (:mod:`raven_video.models.fp8`; ~3 % relative error per layer). Inference
                 only; one log line and no change where FP8 GEMMs cannot run (GPUs before sm89).
+            preview_decoder: a :class:`~raven_video.pipelines.preview_decoder.TAEHVDecoder` or a ``.safetensors``
+                file of TAEHV weights in the official layout (e.g. ``taew2_1``): each chunk is decoded by that tiny
+                decoder instead of the Wan VAE (a fast, lower-quality preview), on the VAE's device and dtype.
         """
         self._decode_device = None
         if devices is not None:
@@ -327,8 +339,10 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             self.transformer.set_attention_backend(attention_backend)
         if self_attention_kernel is not None:
             self.transformer.set_self_attention_kernel(self_attention_kernel)
-        self._fast_decoder = None
-        if self.vae is not None and (vae_fuse or vae_conv != "diffusers"):
+        self._fast_decoder = self._preview_decoder = None
+        if preview_decoder is not None:
+            self._preview_decoder = self._load_preview(preview_decoder)
+        elif self.vae is not None and (vae_fuse or vae_conv != "diffusers"):
             from .vae_fast import FastWanDecoder
 
             self._fast_decoder = FastWanDecoder(self.vae, conv_impl=vae_conv, fuse=vae_fuse, compile=compile)
@@ -358,6 +372,19 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         if vae != dit:
             self.vae.to(vae)
             self._decode_device = vae
+
+    def _load_preview(self, preview):
+        from .preview_decoder import TAEHVDecoder
+
+        if isinstance(preview, (str, os.PathLike)):
+            if not str(preview).endswith(".safetensors"):
+                raise ValueError(f"preview_decoder={str(preview)!r}: pass a .safetensors file, or a TAEHVDecoder you "
+                                 "loaded yourself (TAEHVDecoder.from_file(path, allow_pickle=True) for a .pth).")
+            preview = TAEHVDecoder.from_file(preview)
+        if not isinstance(preview, TAEHVDecoder):
+            raise TypeError(f"preview_decoder must be a TAEHVDecoder or a .safetensors path, not {type(preview).__name__}.")
+        reference = self.vae if self.vae is not None else self.transformer
+        return preview.to(device=self._decode_device or reference.device, dtype=reference.dtype).eval()
 
     @property
     def _transformer_device(self) -> torch.device:
@@ -451,7 +478,7 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         decoder = None
         if output_type != "latent":
             decoder = _ChunkDecoder(self.vae, self.video_processor, output_type, self._fast_decoder,
-                                    self._decode_stream(device))
+                                    self._decode_stream(device), self._preview_decoder)
         sizes = self.transformer.chunk_sizes(latent_frames)
         switches = _EncodedSchedule(prompt_schedule, encode) if prompt_schedule is not None else None
         current_prompt = [prompt] * batch if isinstance(prompt, str) else (list(prompt) if prompt else None)
