@@ -40,6 +40,9 @@ def parse_args(argv=None):
     p.add_argument("--teacher_guidance", type=float, default=3.0)
     p.add_argument("--teacher_shift", type=float, default=None,
                    help="timestep shift of the teacher's Euler grid (default: the shift it was trained with, Wan's 5)")
+    p.add_argument("--word_swaps", action="store_true",
+                   help="also report how much the teacher reads each kind of word (evaluate.word_swap_gaps: loss gap "
+                        "when the prompt's shapes / colours / directions / background are swapped; ~0 = ignored)")
     p.add_argument("--encoder", default=None, help="clip-encoder folder for the Fréchet distance (save_encoder); "
                    "default: the one shipped with the world model, if any")
     p.add_argument("--batch_size", type=int, default=16)
@@ -97,6 +100,10 @@ def main(argv=None):
         record("teacher", ev.teacher_videos(teacher, evalset, args.teacher_steps, args.teacher_guidance,
                                             shift=args.teacher_shift, batch_size=args.batch_size))
         timings["teacher_seconds"] = time.perf_counter() - tic
+        if args.word_swaps:
+            report["teacher_word_swap_gaps"] = ev.word_swap_gaps(teacher, evalset, batch_size=args.batch_size)
+            print("teacher word-swap loss gaps: " + ", ".join(
+                f"{k} {report['teacher_word_swap_gaps'][k]:+.4f}" for k in (*ev.WORD_KINDS, "empty")), file=sys.stderr)
     if student is not None:
         report["student"] = {}
         for length in args.lengths:

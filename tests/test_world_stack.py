@@ -66,3 +66,24 @@ def test_world_pipeline_round_trips_with_its_native_size_and_text_length(tmp_pat
                                    do_classifier_free_guidance=False,
                                    max_sequence_length=loaded.config.max_sequence_length)
     assert text.shape == (1, MAX_SEQUENCE_LENGTH, TEXT_DIM)
+
+
+def test_word_swap_gaps_measure_which_words_a_model_reads():
+    """``evaluate.word_swap_gaps``: a transformer whose cross-attention output is zeroed reads no word (every gap is
+    exactly 0); the random one reads all of them a little."""
+    from raven_video.world import evaluate as ev
+
+    assert ev.swap_words("a red circle moves up and to the left, on a white background", "shape") == \
+        "a red square moves up and to the left, on a white background"
+    assert ev.swap_words("a blue triangle moves right, on a black background", "direction") == \
+        "a blue triangle moves up, on a black background"
+    torch.manual_seed(0)
+    pipe = world_pipeline(tiny_vae(), tiny_causal_transformer(text_dim=TEXT_DIM))
+    evalset = ev.heldout_set(2)
+    gaps = ev.word_swap_gaps(pipe, evalset, sigmas=(0.5, 0.9))
+    assert set(ev.WORD_KINDS) | {"empty"} <= set(gaps) and all(abs(gaps[k]) > 0 for k in ev.WORD_KINDS)
+    for block in pipe.transformer.blocks:
+        torch.nn.init.zeros_(block.attn2.to_out[0].weight)
+        torch.nn.init.zeros_(block.attn2.to_out[0].bias)
+    deaf = ev.word_swap_gaps(pipe, evalset, sigmas=(0.5, 0.9))
+    assert all(value == 0.0 for value in deaf.values()), deaf
