@@ -71,6 +71,9 @@ def parse_args(input_args=None):
     p.add_argument("--pretrained_vae", type=str, default=None,
                    help="AutoencoderKLWan folder / Hub id (a pipeline's vae subfolder is tried) to fine-tune; None: a "
                         "new VAE with the architecture flags below.")
+    p.add_argument("--train_decoder_only", action="store_true",
+                   help="Fine-tune only the decoder (and post_quant_conv) of --pretrained_vae: the encoder and the "
+                        "latent statistics stay as they are, so models trained on its latents stay valid.")
     p.add_argument("--base_dim", type=int, default=16)
     p.add_argument("--z_dim", type=int, default=16)
     p.add_argument("--dim_mult", type=str, default="1,2,4", help="Channel multipliers; spatial stride 2^(len-1).")
@@ -136,6 +139,8 @@ def validate_args(args) -> dict:
     if args.norm_warmup_steps < 0 or args.norm_warmup_steps >= args.max_train_steps:
         raise ValueError(f"--norm_warmup_steps {args.norm_warmup_steps} must be in [0, --max_train_steps "
                          f"{args.max_train_steps}): the exported VAE has the full norms.")
+    if args.train_decoder_only and not args.pretrained_vae:
+        raise ValueError("--train_decoder_only fine-tunes the decoder of a trained VAE: pass --pretrained_vae.")
     if args.pretrained_vae and args.init != "default":
         raise ValueError(f"--init {args.init} initialises a new VAE; drop it when fine-tuning --pretrained_vae.")
     config = {} if args.pretrained_vae else vae_config(args)
@@ -242,7 +247,10 @@ def main(input_args=None):
     if args.gradient_checkpointing:
         vae.enable_gradient_checkpointing()
     vae.train()
-    optimizer = make_optimizer(args, vae.parameters(), args.learning_rate)
+    if args.train_decoder_only:  # the latent space is frozen: encoder + quant_conv
+        vae.encoder.requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
+    optimizer = make_optimizer(args, [p for p in vae.parameters() if p.requires_grad], args.learning_rate)
     lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=args.lr_warmup_steps)
     objective, optimizer, lr_scheduler = accelerator.prepare(VAEObjective(vae, args.kl_weight), optimizer,
                                                              lr_scheduler)
@@ -296,8 +304,11 @@ def main(input_args=None):
             width=args.width, max_objects=args.world_max_objects)
         loader = DataLoader(stats_data, batch_size=min(8, args.stats_clips), num_workers=args.dataloader_num_workers)
         clips = (batch["video"] for i, batch in zip(range(max(1, args.stats_clips // loader.batch_size)), loader))
-        mean, std = latent_statistics(model, clips)
-        model.register_to_config(latents_mean=mean, latents_std=std)
+        if args.train_decoder_only:  # same encoder, same latent space: keep its statistics
+            mean, std = list(model.config.latents_mean), list(model.config.latents_std)
+        else:
+            mean, std = latent_statistics(model, clips)
+            model.register_to_config(latents_mean=mean, latents_std=std)
         metrics = {"psnr": validate(model, held_out, os.path.join(args.output_dir, "validation"), global_step),
                    "steps": global_step, "latents_mean": mean, "latents_std": std,
                    "parameters": sum(p.numel() for p in model.parameters())}

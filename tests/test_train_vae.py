@@ -60,6 +60,26 @@ def test_train_vae_exports_a_diffusers_vae_with_latent_statistics_and_resumes_ex
     assert (straight / "validation" / "step-4.png").is_file()
 
 
+def test_decoder_only_fine_tuning_keeps_the_latent_space(tmp_path):
+    """``--train_decoder_only``: the encoder, quant_conv and latent statistics are those of ``--pretrained_vae``
+    (so latents and the models trained on them stay valid), the decoder moves; without a pretrained VAE: one line."""
+    base = tmp_path / "base"
+    train_vae.main([*TINY, "--init", "kaiming", "--max_train_steps", "2", "--checkpointing_steps", "2",
+                    "--output_dir", str(base)])
+    train_vae.main([*TINY, "--pretrained_vae", str(base), "--train_decoder_only", "--max_train_steps", "3",
+                    "--learning_rate", "1e-2", "--checkpointing_steps", "3", "--output_dir", str(tmp_path / "ft")])
+    before, after = AutoencoderKLWan.from_pretrained(str(base)), AutoencoderKLWan.from_pretrained(str(tmp_path / "ft"))
+    old, new = before.state_dict(), after.state_dict()
+    frozen = [k for k in old if k.startswith(("encoder.", "quant_conv."))]
+    moved = [k for k in old if k.startswith(("decoder.", "post_quant_conv.")) and not torch.equal(old[k], new[k])]
+    assert frozen and all(torch.equal(old[k], new[k]) for k in frozen) and moved
+    assert after.config.latents_mean == before.config.latents_mean
+    assert after.config.latents_std == before.config.latents_std
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "train_vae.py"), *TINY, "--train_decoder_only",
+                             "--output_dir", str(tmp_path / "x")], capture_output=True, text=True)
+    assert result.returncode == 2 and "pass --pretrained_vae" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_train_vae_bad_input_is_one_line(tmp_path):
     run = [sys.executable, os.path.join(ROOT, "train_vae.py"), *TINY, "--output_dir", str(tmp_path / "x")]
     for flags, message in ((["--num_frames", "6"], "must be 2k+1"), (["--norm_warmup_steps", "9", "--max_train_steps",
