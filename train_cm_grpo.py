@@ -22,8 +22,7 @@ import os
 import time
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from diffusers.training_utils import _collate_lora_metadata
 from diffusers.utils import convert_unet_state_dict_to_peft
 from peft import set_peft_model_state_dict
@@ -36,7 +35,6 @@ from raven_video.cli.training import (
     add_optimizer_arguments,
     add_run_arguments,
     argument_parser,
-    check_distributed,
     check_run_args,
     create_hub_repo,
     end_of_step,
@@ -46,7 +44,9 @@ from raven_video.cli.training import (
     load_transformer_config,
     load_vae_config,
     log_validation,
+    make_accelerator,
     make_optimizer,
+    mixed_precision_dtype,
     pipeline_with,
     prompt_encoder,
     push_folder,
@@ -54,7 +54,6 @@ from raven_video.cli.training import (
     resolve_resume,
     run_cli,
     tiny_configs,
-    trackers,
     usage_errors,
     write_model_card,
 )
@@ -338,21 +337,14 @@ def main(input_args=None):
         shape = video_latent_shape(args)
         prompts = load_prompts(args.prompts, column=args.prompt_column)
 
-    accelerator = Accelerator(
-        mixed_precision=args.mixed_precision,
-        log_with=trackers(args),
-        project_config=ProjectConfiguration(project_dir=args.output_dir,
-                                            logging_dir=os.path.join(args.output_dir, args.logging_dir)),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
-    )
-    check_distributed(accelerator)
+    accelerator = make_accelerator(args, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
     if getattr(accelerator.state, "fsdp_plugin", None) is not None:
         raise UsageError("train_cm_grpo.py trains a LoRA adapter with DDP (the 1.3B base fits every GPU); launch "
                          "with a MULTI_GPU accelerate config, not FSDP.")
     with usage_errors():
         validate_args(args, world_size=accelerator.num_processes)
     set_seed(args.seed)
-    weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
+    weight_dtype = mixed_precision_dtype(accelerator)
     stream = PromptStream(prompts, seed=args.seed, rank=accelerator.process_index,
                           world_size=accelerator.num_processes, sync_group_size=args.sync_group_size)
     resume_path = resolve_resume(args)

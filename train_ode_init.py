@@ -33,8 +33,7 @@ import time
 
 import numpy as np
 import torch
-from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
@@ -43,7 +42,6 @@ from raven_video.cli.training import (
     add_optimizer_arguments,
     add_run_arguments,
     argument_parser,
-    check_distributed,
     check_run_args,
     create_hub_repo,
     end_of_step,
@@ -54,7 +52,9 @@ from raven_video.cli.training import (
     load_transformer_config,
     load_vae_config,
     log_validation,
+    make_accelerator,
     make_optimizer,
+    mixed_precision_dtype,
     pipeline_with,
     prompt_encoder,
     push_folder,
@@ -62,7 +62,6 @@ from raven_video.cli.training import (
     resolve_resume,
     run_cli,
     tiny_configs,
-    trackers,
     usage_errors,
     write_model_card,
 )
@@ -241,14 +240,9 @@ def main(input_args=None):
         shape = latent_shape(args, student_cfg, vae_cfg, batch_size=1)
         prompts = prompt_source(args)
 
-    accelerator = Accelerator(
-        mixed_precision=args.mixed_precision, log_with=trackers(args),
-        project_config=ProjectConfiguration(project_dir=args.output_dir,
-                                            logging_dir=os.path.join(args.output_dir, args.logging_dir)),
-    )
-    check_distributed(accelerator)
+    accelerator = make_accelerator(args)
     set_seed(args.seed)
-    weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
+    weight_dtype = mixed_precision_dtype(accelerator)
     resume_path = resolve_resume(args)
     init_trackers(accelerator, args, "ode-init")
 

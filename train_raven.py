@@ -18,8 +18,8 @@ import os
 import time
 
 import torch
-from accelerate import Accelerator, init_empty_weights
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate import init_empty_weights
+from accelerate.utils import set_seed
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from tqdm.auto import tqdm
 
@@ -28,7 +28,6 @@ from raven_video.cli.training import (
     add_optimizer_arguments,
     add_run_arguments,
     argument_parser,
-    check_distributed,
     check_run_args,
     create_hub_repo,
     end_of_step,
@@ -39,7 +38,9 @@ from raven_video.cli.training import (
     load_transformer_config,
     load_vae_config,
     log_validation,
+    make_accelerator,
     make_optimizer,
+    mixed_precision_dtype,
     pipeline_with,
     prompt_encoder,
     push_folder,
@@ -47,7 +48,6 @@ from raven_video.cli.training import (
     resolve_resume,
     run_cli,
     tiny_configs,
-    trackers,
     usage_errors,
     write_model_card,
 )
@@ -272,16 +272,10 @@ def main(input_args=None):
         else:
             keys = load_prompts(args.prompts, column=args.prompt_column)
 
-    accelerator = Accelerator(
-        mixed_precision=args.mixed_precision,
-        log_with=trackers(args),
-        project_config=ProjectConfiguration(project_dir=args.output_dir,
-                                            logging_dir=os.path.join(args.output_dir, args.logging_dir)),
-    )
-    check_distributed(accelerator)
+    accelerator = make_accelerator(args)
     is_fsdp = getattr(accelerator.state, "fsdp_plugin", None) is not None
     set_seed(args.seed)
-    weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
+    weight_dtype = mixed_precision_dtype(accelerator)
     stream = PromptStream(keys, seed=args.seed, rank=accelerator.process_index, world_size=accelerator.num_processes)
     resume_path = resolve_resume(args)
 

@@ -20,8 +20,7 @@ import math
 import os
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import set_seed
 from diffusers import AutoencoderKLWan
 from diffusers.optimization import get_scheduler
 from torch.utils.data import DataLoader
@@ -32,18 +31,17 @@ from raven_video.cli.training import (
     add_optimizer_arguments,
     add_run_arguments,
     argument_parser,
-    check_distributed,
     check_run_args,
     create_hub_repo,
     end_of_step,
     hub_base_model,
     init_trackers,
+    make_accelerator,
     make_optimizer,
     push_folder,
     register_and_resume,
     resolve_resume,
     run_cli,
-    trackers,
     usage_errors,
     write_model_card,
 )
@@ -226,13 +224,7 @@ def main(input_args=None):
     with usage_errors():
         architecture = validate_args(args)
 
-    accelerator = Accelerator(
-        mixed_precision=args.mixed_precision,
-        log_with=trackers(args),
-        project_config=ProjectConfiguration(project_dir=args.output_dir,
-                                            logging_dir=os.path.join(args.output_dir, args.logging_dir)),
-    )
-    check_distributed(accelerator)
+    accelerator = make_accelerator(args)
     set_seed(args.seed)
     resume_path = resolve_resume(args)
     if args.pretrained_vae:

@@ -19,7 +19,9 @@ import time
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
+from accelerate.utils import ProjectConfiguration
 from diffusers import AutoencoderKLWan
 from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH, load_or_create_model_card, populate_model_card
 from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
@@ -239,6 +241,24 @@ def check_distributed(accelerator) -> None:
             "On CPU-only machines set ACCELERATE_USE_CPU=1 (or `accelerate launch --cpu`) so they use gloo; on GPU "
             "machines check the accelerate config."
         )
+
+
+def make_accelerator(args, **kwargs):
+    """The training scripts' ``Accelerator``: ``--mixed_precision``, the ``--report_to`` trackers, logs under
+    ``<output_dir>/<logging_dir>``, and a launch that really is distributed (:func:`check_distributed`)."""
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision, log_with=trackers(args),
+        project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                            logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+        **kwargs,
+    )
+    check_distributed(accelerator)
+    return accelerator
+
+
+def mixed_precision_dtype(accelerator) -> torch.dtype:
+    """The dtype of the frozen models under the accelerator's mixed precision (bf16 / fp16, else fp32)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
 
 
 def save_checkpoint(accelerator, output_dir: str, step: int, total_limit) -> str:
