@@ -59,7 +59,10 @@ class TeacherObjective(torch.nn.Module):
         dtype = next(self.transformer.parameters()).dtype
         sizes = self.transformer.chunk_sizes(latents.shape[2])
         t = teacher_timesteps(batch, sizes, self.mode, generator, self.shift).to(device)
-        noise = torch.randn(latents.shape, generator=generator).to(device)
+        # the noise is drawn where the latents are, from a seed drawn from ``generator`` (resumes replay it): a CPU
+        # draw of [B, 16, 21, 16, 16] floats and its copy cost more than the world transformer's step at batch 128
+        noise_generator = torch.Generator(device).manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+        noise = torch.randn(latents.shape, generator=noise_generator, device=device)
         drop = (torch.rand(batch, generator=generator) < self.cond_dropout).to(device)
         text = torch.where(drop.view(-1, 1, 1), empty_text.to(text.dtype).expand_as(text), text)
         x0 = latents.float()
