@@ -127,3 +127,25 @@ def test_teacher_compile_keeps_the_losses_and_the_checkpoint_keys(tmp_path, late
     eager = load_file(str(tmp_path / "eager" / "checkpoint-3" / "model.safetensors"))
     compiled = load_file(str(tmp_path / "compiled" / "checkpoint-3" / "model.safetensors"))
     assert eager.keys() == compiled.keys()
+
+
+def test_teacher_in_memory_latents_and_prompt_table_keep_the_losses(tmp_path, latents):
+    """``--latents_in_memory`` (latents on the device, every prompt encoded once) trains on the same batches as
+    reading and encoding them per step."""
+    _teacher(tmp_path / "disk", latents, "--max_train_steps", "3", "--checkpointing_steps", "3")
+    _teacher(tmp_path / "memory", latents, "--max_train_steps", "3", "--checkpointing_steps", "3",
+             "--latents_in_memory")
+    np.testing.assert_allclose(_losses(tmp_path / "memory"), _losses(tmp_path / "disk"), rtol=1e-5, atol=1e-7)
+
+
+def test_encoded_prompts_rows_are_the_per_batch_encodings():
+    from raven_video.cli.training import EncodedPrompts, prompt_encoder
+    from raven_video.testing import tiny_pipeline
+
+    encode = prompt_encoder(tiny_pipeline(), 16, "cpu", "cpu")
+    prompts = {"0": "a red circle", "1": "a blue square moves", "2": "a red circle", "3": "green"}
+    table = EncodedPrompts(encode, prompts, batch_size=2)
+    assert table.table.shape[0] == 3  # distinct prompts only
+    keys = ["3", "0", "2", "1"]
+    torch.testing.assert_close(table[keys], encode([prompts[k] for k in keys]), rtol=1e-6, atol=1e-6)
+    assert EncodedPrompts.nbytes(16384, 64, 64) == 268435456  # the world's table
