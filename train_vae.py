@@ -26,6 +26,13 @@ from diffusers.optimization import get_scheduler
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from raven_video.cli.clip_data import (
+    add_clip_arguments,
+    check_clip_args,
+    clip_batches,
+    training_clips,
+    validation_clips,
+)
 from raven_video.cli.training import (
     TimeBudget,
     add_optimizer_arguments,
@@ -45,7 +52,6 @@ from raven_video.cli.training import (
     usage_errors,
     write_model_card,
 )
-from raven_video.data.videos import VideoFolderDataset
 from raven_video.training.raven_step import optimizer_step
 from raven_video.training.vae import (
     VAE_INITS,
@@ -78,15 +84,7 @@ def parse_args(input_args=None):
     p.add_argument("--num_res_blocks", type=int, default=1)
     p.add_argument("--temporal_downsample", type=str, default="true,true",
                    help="Per down stage (len(dim_mult)-1 values); temporal stride 2^(#true).")
-    # data
-    p.add_argument("--videos", type=str, default=None,
-                   help="CSV/JSONL (video, prompt) or a folder of clips; None: the procedural world.")
-    p.add_argument("--world_max_objects", type=int, default=3)
-    p.add_argument("--num_frames", type=int, default=9, help="Frames per training clip (4k+1 for stride 4).")
-    p.add_argument("--height", type=int, default=64)
-    p.add_argument("--width", type=int, default=64)
-    p.add_argument("--train_batch_size", type=int, default=8, help="Clips per process per step.")
-    p.add_argument("--dataloader_num_workers", type=int, default=2)
+    add_clip_arguments(p)  # data: --videos or the world, clip size, batch size, workers
     # objective and optimisation
     p.add_argument("--kl_weight", type=float, default=1e-5, help="KL weight per latent element.")
     p.add_argument("--init", type=str, default="default", choices=VAE_INITS,
@@ -129,7 +127,7 @@ def vae_config(args) -> dict:
 def validate_args(args) -> dict:
     """Cheap checks; returns the architecture of a new VAE (``{}`` when fine-tuning)."""
     check_run_args(args)
-    for name in ("train_batch_size", "num_validation_clips", "stats_clips", "base_dim", "z_dim", "num_res_blocks"):
+    for name in ("num_validation_clips", "stats_clips", "base_dim", "z_dim", "num_res_blocks"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} {getattr(args, name)} must be >= 1.")
     if not args.learning_rate > 0 or args.kl_weight < 0:
@@ -142,58 +140,9 @@ def validate_args(args) -> dict:
     if args.pretrained_vae and args.init != "default":
         raise ValueError(f"--init {args.init} initialises a new VAE; drop it when fine-tuning --pretrained_vae.")
     config = {} if args.pretrained_vae else vae_config(args)
-    temporal = config.get("scale_factor_temporal", 4)
-    spatial = config.get("scale_factor_spatial", 8)
-    for name in ("num_frames", "validation_num_frames"):
-        frames = getattr(args, name)
-        if frames < 1 or (frames - 1) % temporal:
-            raise ValueError(f"--{name} {frames} must be {temporal}k+1 (the VAE's temporal stride is {temporal}), "
-                             f"e.g. {temporal + 1} or {4 * temporal + 1}.")
-    for name in ("height", "width"):
-        if getattr(args, name) % spatial:
-            raise ValueError(f"--{name} {getattr(args, name)} must be a multiple of the spatial stride {spatial}.")
-    if args.videos is not None and not os.path.exists(args.videos):
-        raise FileNotFoundError(f"--videos {args.videos!r} does not exist.")
+    check_clip_args(args, config.get("scale_factor_temporal", 4), config.get("scale_factor_spatial", 8),
+                    ("num_frames", "validation_num_frames"))
     return config
-
-
-# ----------------------------------------------------------------------------------------------------- data
-def training_data(args, num_processes: int):
-    """A map-style dataset of training clips: the world (one new clip per item, deterministic per seed) or a folder."""
-    if args.videos is not None:
-        return VideoFolderDataset(args.videos, args.num_frames, args.height, args.width)
-    clips = args.max_train_steps * args.train_batch_size * num_processes
-    return WorldClipDataset(clips, num_frames=args.num_frames, height=args.height, width=args.width,
-                            max_objects=args.world_max_objects)
-
-
-def validation_clips(args, num_clips: int, start: int = 0) -> torch.Tensor:
-    """Held-out clips ``[N, 3, F, H, W]``: evaluation seeds of the world, or the folder's last clips."""
-    if args.videos is not None:
-        data = VideoFolderDataset(args.videos, args.validation_num_frames, args.height, args.width)
-        return torch.stack([data[len(data) - 1 - i]["video"] for i in range(min(num_clips, len(data)))])
-    data = WorldClipDataset(num_clips, split="heldout", evaluation=True, start=start,
-                            num_frames=args.validation_num_frames, height=args.height, width=args.width,
-                            max_objects=args.world_max_objects)
-    return torch.stack([data[i]["video"] for i in range(num_clips)])
-
-
-def batches(dataset, args, accelerator, start_step: int):
-    """Endless prepared batches from ``start_step`` on (epochs reshuffled with seeded generators; the world has one)."""
-    step = start_step
-    while True:
-        loader = DataLoader(dataset, batch_size=args.train_batch_size, num_workers=args.dataloader_num_workers,
-                            shuffle=args.videos is not None, drop_last=True,
-                            generator=torch.Generator().manual_seed(args.seed + step // max(len(dataset), 1)))
-        loader = accelerator.prepare(loader)
-        per_epoch = len(loader)
-        if per_epoch == 0:
-            raise ValueError(f"{len(dataset)} clips make no batch of {args.train_batch_size}; lower "
-                             "--train_batch_size.")
-        skip = step % per_epoch
-        for batch in accelerator.skip_first_batches(loader, skip) if skip else loader:
-            yield batch["video"]
-            step += 1
 
 
 # ----------------------------------------------------------------------------------------------------- validation
@@ -251,9 +200,10 @@ def main(input_args=None):
     init_trackers(accelerator, args, "vae")
     model = accelerator.unwrap_model(objective).vae
     warmup = NormWarmup(model, args.norm_warmup_steps)
-    held_out = validation_clips(args, args.num_validation_clips) if accelerator.is_main_process else None
+    held_out = (validation_clips(args, args.num_validation_clips, args.validation_num_frames)
+                if accelerator.is_main_process else None)
 
-    data = batches(training_data(args, accelerator.num_processes), args, accelerator, global_step)
+    data = clip_batches(training_clips(args, accelerator.num_processes), args, accelerator, global_step)
     budget = TimeBudget(accelerator, args.max_train_time)
     bar = tqdm(range(args.max_train_steps), initial=global_step, desc="VAE", disable=not accelerator.is_local_main_process)
     logs = {}
@@ -291,7 +241,7 @@ def main(input_args=None):
         warmup.set_step(args.norm_warmup_steps)
     if accelerator.is_main_process:
         model.eval()
-        stats_data = training_data(args, 1) if args.videos is not None else WorldClipDataset(
+        stats_data = training_clips(args, 1) if args.videos is not None else WorldClipDataset(
             args.stats_clips, start=10**8, num_frames=args.validation_num_frames, height=args.height,
             width=args.width, max_objects=args.world_max_objects)
         loader = DataLoader(stats_data, batch_size=min(8, args.stats_clips), num_workers=args.dataloader_num_workers)
