@@ -322,9 +322,10 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             fp8: FP8 linear layers (row-wise scaled ``torch._scaled_mm``) for the blocks' self-attention projections
                 and FFNs, attention in bf16 (:mod:`raven_video.models.fp8`; ~3 % relative error per layer). Inference
                 only; one log line and no change where FP8 GEMMs cannot run (GPUs before sm89).
-            preview_decoder: a :class:`~raven_video.pipelines.preview_decoder.TAEHVDecoder` or a ``.safetensors``
-                file of TAEHV weights in the official layout (e.g. ``taew2_1``): each chunk is decoded by that tiny
-                decoder instead of the Wan VAE (a fast, lower-quality preview), on the VAE's device and dtype.
+            preview_decoder: a :class:`~raven_video.pipelines.preview_decoder.TAEHVDecoder`, a ``.safetensors``
+                file of TAEHV weights in the official layout (e.g. ``taew2_1``), or a ``TAEHVDecoder`` folder (e.g.
+                one ``train_preview_decoder.py`` distilled from this pipeline's VAE): each chunk is decoded by that
+                tiny decoder instead of the Wan VAE (a fast, lower-quality preview), on the VAE's device and dtype.
         """
         self._decode_device = None
         if devices is not None:
@@ -377,9 +378,10 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         from .preview_decoder import TAEHVDecoder
 
         if isinstance(preview, (str, os.PathLike)):
-            if not str(preview).endswith(".safetensors"):
-                raise ValueError(f"preview_decoder={str(preview)!r}: pass a .safetensors file, or a TAEHVDecoder you "
-                                 "loaded yourself (TAEHVDecoder.from_file(path, allow_pickle=True) for a .pth).")
+            if not (str(preview).endswith(".safetensors") or os.path.isdir(preview)):
+                raise ValueError(f"preview_decoder={str(preview)!r}: pass a .safetensors file, a TAEHVDecoder folder "
+                                 "(save_pretrained), or a TAEHVDecoder you loaded yourself "
+                                 "(TAEHVDecoder.from_file(path, allow_pickle=True) for a .pth).")
             preview = TAEHVDecoder.from_file(preview)
         if not isinstance(preview, TAEHVDecoder):
             raise TypeError(f"preview_decoder must be a TAEHVDecoder or a .safetensors path, not {type(preview).__name__}.")

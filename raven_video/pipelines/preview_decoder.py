@@ -1,5 +1,8 @@
 # Copyright 2026 The RAVEN-video authors. Apache-2.0.
-"""A cheap *preview* decoder for Wan2.1 latents: the decoder of TAEHV (`taew2_1` weights), written from scratch.
+"""A cheap *preview* decoder for Wan latents: the decoder of TAEHV (`taew2_1` weights), written from scratch.
+
+Other strides and widths (e.g. for the world VAE's 4x spatial compression) are constructor arguments; such decoders
+are distilled from a VAE by `train_preview_decoder.py` and saved as diffusers model folders.
 
 TAEHV ("Tiny AutoEncoder for Hunyuan Video", madebyollin/taehv) is a small 2-D convolutional video autoencoder with
 per-block temporal memory. Its `taew2_1` weights (MIT licence, like the upstream code) decode Wan2.1 latents
@@ -43,10 +46,13 @@ mapped), layout `[B, 3, F_px, 8H, 8W]` like `AutoencoderKLWan.decode(...).sample
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 
 import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 __all__ = ["TAEHVDecoder", "TAEHVStreamingDecoder"]
@@ -54,6 +60,7 @@ __all__ = ["TAEHVDecoder", "TAEHVStreamingDecoder"]
 LATENT_CHANNELS = 16
 WIDTHS = (256, 128, 64, 64)
 TIME_STRIDES = (1, 2, 2)  # TGrow strides of the three stages (taew2_1: no time upscale in the first)
+SPACE_STRIDES = (2, 2, 2)  # nearest-neighbour upsampling of the three stages (taew2_1: 8x)
 
 
 def _conv3x3(n_in: int, n_out: int, bias: bool = True) -> nn.Conv2d:
@@ -93,10 +100,19 @@ class _TGrow(nn.Module):
         return y.reshape(-1, *x.shape[1:])
 
 
-class TAEHVDecoder(nn.Module):
+class TAEHVDecoder(ModelMixin, ConfigMixin):
     r"""
-    TAEHV's decoder for Wan2.1 latents (`taew2_1`). Build it with [`from_state_dict`] or [`from_file`]; the plain
-    constructor gives PyTorch's default random initialisation.
+    TAEHV's decoder. The defaults are `taew2_1`'s (Wan2.1 latents); build that one with [`from_state_dict`] or
+    [`from_file`]. Other sizes (e.g. the world VAE's 4x spatial compression: `space_strides=(1, 2, 2)`) are trained by
+    `train_preview_decoder.py` and saved / loaded as a diffusers model folder (`save_pretrained` /
+    `from_pretrained`: `config.json` + safetensors). The plain constructor gives PyTorch's default initialisation.
+
+    Args:
+        latent_channels: channels of the latents (16 for Wan2.1).
+        widths: channels of the three stages and of the last conv (`taew2_1`: 256, 128, 64, 64).
+        time_strides: frames each stage's TGrow makes of one (`taew2_1`: 1, 2, 2, i.e. 4x).
+        space_strides: each stage's nearest-neighbour upsampling, 1 or 2 (`taew2_1`: 2, 2, 2, i.e. 8x); a stage with
+            stride 1 keeps its index in the block list (an identity), so the key layout does not change.
 
     Example:
 
@@ -106,27 +122,35 @@ class TAEHVDecoder(nn.Module):
     ```
     """
 
-    latent_channels = LATENT_CHANNELS
-    spatial_compression_ratio = 8
-    temporal_compression_ratio = 4
-    frames_to_trim = 3  # warm-up frames at the start of a stream (t_upscale - 1)
-
-    def __init__(self):
+    @register_to_config
+    def __init__(self, latent_channels: int = LATENT_CHANNELS, widths: Sequence[int] = WIDTHS,
+                 time_strides: Sequence[int] = TIME_STRIDES, space_strides: Sequence[int] = SPACE_STRIDES):
         super().__init__()
-        blocks: list[nn.Module] = [_Clamp(), _conv3x3(LATENT_CHANNELS, WIDTHS[0]), nn.ReLU()]
-        for stage, stride in enumerate(TIME_STRIDES):
-            n = WIDTHS[stage]
-            blocks += [_MemBlock(n), _MemBlock(n), _MemBlock(n), nn.Upsample(scale_factor=2), _TGrow(n, stride)]
-            blocks.append(_conv3x3(n, WIDTHS[stage + 1], bias=False))
-        blocks += [nn.ReLU(), _conv3x3(WIDTHS[-1], 3)]
+        if len(widths) != 4 or len(time_strides) != 3 or len(space_strides) != 3:
+            raise ValueError(f"widths={tuple(widths)}, time_strides={tuple(time_strides)}, space_strides="
+                             f"{tuple(space_strides)}: give 4 widths and 3 strides of each kind (three stages).")
+        if any(s not in (1, 2) for s in space_strides) or any(s < 1 for s in time_strides):
+            raise ValueError(f"space_strides={tuple(space_strides)} must be 1 or 2 and time_strides="
+                             f"{tuple(time_strides)} >= 1.")
+        blocks: list[nn.Module] = [_Clamp(), _conv3x3(latent_channels, widths[0]), nn.ReLU()]
+        for stage, (stride, up) in enumerate(zip(time_strides, space_strides)):
+            n = widths[stage]
+            blocks += [_MemBlock(n), _MemBlock(n), _MemBlock(n),
+                       nn.Upsample(scale_factor=2) if up == 2 else nn.Identity(), _TGrow(n, stride)]
+            blocks.append(_conv3x3(n, widths[stage + 1], bias=False))
+        blocks += [nn.ReLU(), _conv3x3(widths[-1], 3)]
         self.decoder = nn.Sequential(*blocks)  # attribute name = the official key prefix "decoder."
+        self.latent_channels = latent_channels
+        self.spatial_compression_ratio = math.prod(space_strides)
+        self.temporal_compression_ratio = math.prod(time_strides)
+        self.frames_to_trim = self.temporal_compression_ratio - 1  # warm-up frames at the start of a stream
 
     # ------------------------------------------------------------------------------------------------- loading
 
     @classmethod
     def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor]) -> TAEHVDecoder:
         """Build from an official TAEHV state dict (`taew2_1`): keeps the `decoder.*` keys, ignores `encoder.*`."""
-        model = cls()
+        model = cls()  # taew2_1's architecture
         expected = model.state_dict()
         found = {k: v for k, v in state_dict.items() if k.startswith("decoder.")}
         missing = [k for k in expected if k not in found]
@@ -147,9 +171,11 @@ class TAEHVDecoder(nn.Module):
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, allow_pickle: bool = False) -> TAEHVDecoder:
-        """Load `taew2_1.safetensors`; a `.pth` (pickle) file only with `allow_pickle=True`, then read with
-        `torch.load(weights_only=True)`."""
+        """Load `taew2_1.safetensors`, or a folder saved by `save_pretrained` (any architecture, e.g. the world's);
+        a `.pth` (pickle) file only with `allow_pickle=True`, then read with `torch.load(weights_only=True)`."""
         path = os.fspath(path)
+        if os.path.isdir(path):
+            return cls.from_pretrained(path)
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
 
@@ -191,9 +217,9 @@ class TAEHVDecoder(nn.Module):
         return frames.clamp(0, 1).mul(2).sub(1)
 
     def _prepare(self, latents: torch.Tensor) -> torch.Tensor:
-        if not torch.is_tensor(latents) or latents.ndim != 5 or latents.shape[1] != LATENT_CHANNELS:
+        if not torch.is_tensor(latents) or latents.ndim != 5 or latents.shape[1] != self.latent_channels:
             shape = tuple(latents.shape) if torch.is_tensor(latents) else type(latents).__name__
-            raise ValueError(f"`latents` must be a tensor of shape [B, {LATENT_CHANNELS}, f, h, w], got {shape}.")
+            raise ValueError(f"`latents` must be a tensor of shape [B, {self.latent_channels}, f, h, w], got {shape}.")
         if 0 in latents.shape:
             raise ValueError(f"`latents` of shape {tuple(latents.shape)} is empty.")
         weight = self.decoder[1].weight
