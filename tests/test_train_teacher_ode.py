@@ -149,3 +149,14 @@ def test_encoded_prompts_rows_are_the_per_batch_encodings():
     keys = ["3", "0", "2", "1"]
     torch.testing.assert_close(table[keys], encode([prompts[k] for k in keys]), rtol=1e-6, atol=1e-6)
     assert EncodedPrompts.nbytes(16384, 64, 64) == 268435456  # the world's table
+
+
+def test_ode_init_trajectories_on_device_keep_the_losses(tmp_path, prompts):
+    """``--trajectories_on_device`` (store on the device, every prompt encoded once) regresses on the same batches."""
+    common = ["--tiny_random_models", "--prompts", prompts, "--trajectory_dir", str(tmp_path / "trajectories"),
+              "--num_trajectories", "6", "--trajectories_per_part", "6", "--trajectory_batch_size", "3",
+              "--trajectory_steps", "4", "--train_batch_size", "3", "--lr_warmup_steps", "0", "--max_train_steps", "3",
+              "--checkpointing_steps", "3", *SIZE]
+    train_ode_init.main(common + ["--output_dir", str(tmp_path / "host")])
+    train_ode_init.main(common + ["--output_dir", str(tmp_path / "device"), "--trajectories_on_device"])
+    np.testing.assert_allclose(_losses(tmp_path / "device"), _losses(tmp_path / "host"), rtol=1e-5, atol=1e-7)
