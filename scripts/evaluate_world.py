@@ -30,6 +30,9 @@ def parse_args(argv=None):
     p.add_argument("--teacher", default=None, help="CausalWanPipeline folder of a bidirectional teacher")
     p.add_argument("--references", action="store_true", help="also score the rendered clips and their VAE "
                    "reconstructions (the VAE of --model or --teacher)")
+    p.add_argument("--preview_decoder", default=None,
+                   help="with --references: also score the clips decoded by this TAEHVDecoder folder from the VAE's "
+                        "latents (train_preview_decoder.py), the ceiling of a stream shown through it")
     p.add_argument("--num_prompts", type=int, default=64)
     p.add_argument("--split", default="heldout", choices=("heldout", "train"),
                    help="heldout: prompt combinations never trained on (evaluation seeds either way)")
@@ -54,6 +57,8 @@ def parse_args(argv=None):
         p.error("nothing to evaluate: pass --model, --teacher and/or --references.")
     if args.references and not (args.model or args.teacher):
         p.error("--references needs the VAE of --model or --teacher.")
+    if args.preview_decoder is not None and not (args.references and os.path.isdir(args.preview_decoder)):
+        p.error(f"--preview_decoder {args.preview_decoder!r} must be a TAEHVDecoder folder, used with --references.")
     try:
         args.lengths = [int(v) for v in args.lengths.split(",") if v.strip()]
     except ValueError:
@@ -94,7 +99,13 @@ def main(argv=None):
     teacher = load(args.teacher, args.device) if args.teacher else None
     if args.references:
         record("reference", reference)
-        record("reconstruction", ev.reconstructed_videos((student or teacher).vae, reference))
+        vae = (student or teacher).vae
+        record("reconstruction", ev.reconstructed_videos(vae, reference))
+        if args.preview_decoder:
+            from raven_video.pipelines.preview_decoder import TAEHVDecoder
+
+            preview = TAEHVDecoder.from_pretrained(args.preview_decoder).to(vae.device).eval()
+            record("preview_reconstruction", ev.reconstructed_videos(vae, reference, preview=preview))
     if teacher is not None:
         tic = time.perf_counter()
         record("teacher", ev.teacher_videos(teacher, evalset, args.teacher_steps, args.teacher_guidance,

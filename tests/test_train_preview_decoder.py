@@ -81,3 +81,28 @@ def test_bad_input_is_one_line(tmp_path):
                            text=True)
     assert wrong.returncode == 2 and "4k+1" in wrong.stderr and "Traceback" not in wrong.stderr
     assert not (tmp_path / "x").exists()  # nothing written before the checks
+
+
+def test_world_reconstructions_through_a_preview_decoder_keep_the_clip_length():
+    """``evaluate.reconstructed_videos(..., preview=...)``: the shipped world VAE's latents of 81-frame clips decoded
+    by a world-strided preview decoder come back as 81 uint8 frames of 64x64, as the VAE's own reconstructions."""
+    from diffusers import AutoencoderKLWan
+
+    from raven_video.world import evaluate as ev
+    from raven_video.world.shipped import vae_path
+
+    vae = AutoencoderKLWan.from_pretrained(vae_path()).eval()
+    torch.manual_seed(0)
+    preview = TAEHVDecoder(widths=(8, 8, 8, 8), space_strides=(1, 2, 2)).eval()
+    clips = ev.reference_videos(ev.heldout_set(1))
+    through_vae = ev.reconstructed_videos(vae, clips)
+    through_preview = ev.reconstructed_videos(vae, clips, preview=preview)
+    assert [v.shape for v in through_preview] == [v.shape for v in through_vae] == [(81, 64, 64, 3)]
+    assert through_preview[0].dtype == np.uint8
+
+
+def test_evaluate_world_preview_decoder_needs_references(tmp_path):
+    run = [sys.executable, os.path.join(ROOT, "scripts", "evaluate_world.py"), "--teacher", str(tmp_path),
+           "--preview_decoder", str(tmp_path), "--output", str(tmp_path / "x.json")]
+    result = subprocess.run(run, capture_output=True, text=True)
+    assert result.returncode == 2 and "used with --references" in result.stderr and "Traceback" not in result.stderr

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..data.latents import normalize_latents
 from ..pipelines.vae_streaming import decode_videos
 from ..utils.video_io import frame_strip, to_uint8_frames
 from .data import frames_to_tensor, world_seeds
@@ -63,13 +64,16 @@ def reference_videos(evalset: EvalSet, num_frames: int = TRAINING_FRAMES) -> lis
 
 
 @torch.no_grad()
-def reconstructed_videos(vae, videos: list[np.ndarray], batch_size: int = 8) -> list[np.ndarray]:
-    """``videos`` through the VAE (posterior mode, decode)."""
+def reconstructed_videos(vae, videos: list[np.ndarray], batch_size: int = 8, preview=None) -> list[np.ndarray]:
+    """``videos`` through the VAE (posterior mode, decode); with ``preview`` (a ``TAEHVDecoder``), decoded by it
+    from the normalised latents instead: the ceiling of what a stream shown through the preview can score."""
     out = []
     device = next(vae.parameters()).device
     for start in range(0, len(videos), batch_size):
         clips = torch.stack([frames_to_tensor(v) for v in videos[start:start + batch_size]]).to(device, vae.dtype)
-        decoded = vae.decode(vae.encode(clips).latent_dist.mode()).sample.float().clamp(-1, 1)
+        z = vae.encode(clips).latent_dist.mode()
+        decoded = vae.decode(z).sample if preview is None else preview.decode(normalize_latents(vae, z))
+        decoded = decoded.float().clamp(-1, 1)
         out.extend(to_uint8_frames(v, value_range=(-1, 1), layout="CFHW") for v in decoded.cpu())
     return out
 
