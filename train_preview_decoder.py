@@ -24,7 +24,6 @@ import os
 
 import torch
 from accelerate.utils import set_seed
-from diffusers import AutoencoderKLWan
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
@@ -39,6 +38,7 @@ from raven_video.cli.training import (
     end_of_step,
     hub_base_model,
     init_trackers,
+    load_vae,
     make_accelerator,
     make_optimizer,
     push_folder,
@@ -98,13 +98,6 @@ def strides_for(ratio: int, kind: str) -> list[int]:
         raise ValueError(f"the VAE's {kind} compression is {ratio}; a TAEHV preview decoder covers 1, 2, 4 or 8.")
     doublings = int(math.log2(ratio))
     return [1] * (3 - doublings) + [2] * doublings
-
-
-def load_vae(path: str) -> AutoencoderKLWan:
-    try:
-        return AutoencoderKLWan.from_pretrained(path, subfolder="vae")
-    except (OSError, EnvironmentError):
-        return AutoencoderKLWan.from_pretrained(path)
 
 
 def build_preview(args, vae) -> TAEHVDecoder:

@@ -43,6 +43,7 @@ from raven_video.cli.training import (
     end_of_step,
     hub_base_model,
     init_trackers,
+    load_vae,
     make_accelerator,
     make_optimizer,
     push_folder,
@@ -177,10 +178,7 @@ def main(input_args=None):
     set_seed(args.seed)
     resume_path = resolve_resume(args)
     if args.pretrained_vae:
-        try:
-            vae = AutoencoderKLWan.from_pretrained(args.pretrained_vae, subfolder="vae")
-        except (OSError, EnvironmentError):
-            vae = AutoencoderKLWan.from_pretrained(args.pretrained_vae)
+        vae = load_vae(args.pretrained_vae)
     else:
         vae = AutoencoderKLWan(**architecture)
         if args.init == "kaiming":

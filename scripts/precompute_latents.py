@@ -25,6 +25,7 @@ from diffusers import AutoencoderKLWan
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from raven_video.cli.training import load_vae as load_wan_vae
 from raven_video.data.latents import normalize_latents, write_latent_shards
 from raven_video.data.videos import list_videos, read_clip
 from raven_video.testing import tiny_vae
@@ -58,12 +59,7 @@ def parse_args(argv=None):
 
 
 def load_vae(args) -> AutoencoderKLWan:
-    if args.tiny_random_vae:
-        return tiny_vae()
-    try:
-        return AutoencoderKLWan.from_pretrained(args.vae, subfolder="vae")
-    except (OSError, EnvironmentError):
-        return AutoencoderKLWan.from_pretrained(args.vae)
+    return tiny_vae() if args.tiny_random_vae else load_wan_vae(args.vae)
 
 
 class _VideoSource(Dataset):

@@ -159,6 +159,14 @@ def load_vae_config(path: str, revision=None) -> dict:
     return dict(AutoencoderKLWan.load_config(path, subfolder="vae", revision=revision))
 
 
+def load_vae(path: str) -> AutoencoderKLWan:
+    """An ``AutoencoderKLWan`` from a pipeline folder / Hub id (its ``vae`` subfolder) or a VAE folder itself."""
+    try:
+        return AutoencoderKLWan.from_pretrained(path, subfolder="vae")
+    except (OSError, EnvironmentError):
+        return AutoencoderKLWan.from_pretrained(path)
+
+
 def tiny_configs() -> tuple[dict, dict]:
     """``(transformer, vae)`` configs of ``--tiny_random_models`` (chunks of 3 latent frames)."""
     pipe = tiny_pipeline(seed=0)
