@@ -110,8 +110,10 @@ def build_preview(args, vae) -> TAEHVDecoder:
                              f"{preview.spatial_compression_ratio}x / {preview.temporal_compression_ratio}x, the VAE "
                              f"compresses by {math.prod(spatial)}x / {math.prod(temporal)}x; pick a matching one.")
         return preview
-    return TAEHVDecoder(latent_channels=vae.config.z_dim, widths=_ints("widths", args.widths), time_strides=temporal,
-                        space_strides=spatial)
+    with torch.random.fork_rng():  # a --seed-determined initialisation, before the Accelerator exists
+        torch.manual_seed(args.seed)
+        return TAEHVDecoder(latent_channels=vae.config.z_dim, widths=_ints("widths", args.widths),
+                            time_strides=temporal, space_strides=spatial)
 
 
 def validate_args(args) -> None:

@@ -106,3 +106,18 @@ def test_evaluate_world_preview_decoder_needs_references(tmp_path):
            "--preview_decoder", str(tmp_path), "--output", str(tmp_path / "x.json")]
     result = subprocess.run(run, capture_output=True, text=True)
     assert result.returncode == 2 and "used with --references" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_preview_distillation_is_reproducible(tmp_path):
+    """Same flags, same seed: the same initialisation and batches, so the same losses."""
+    tiny_vae(seed=0).save_pretrained(str(tmp_path / "vae"))
+    runs = []
+    for name in ("a", "b"):
+        train_preview_decoder.main([
+            "--pretrained_vae", str(tmp_path / "vae"), "--widths", "8,8,8,8", "--num_frames", "5", "--height", "32",
+            "--width", "32", "--train_batch_size", "2", "--max_train_steps", "3", "--validation_steps", "3",
+            "--num_validation_clips", "1", "--validation_num_frames", "5", "--dataloader_num_workers", "0",
+            "--output_dir", str(tmp_path / name), "--report_to", "none"])
+        with open(tmp_path / name / "logs" / "metrics.jsonl") as handle:
+            runs.append([row["loss"] for row in map(json.loads, handle) if "loss" in row])
+    assert len(runs[0]) == 3 and runs[0] == runs[1]
