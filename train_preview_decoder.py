@@ -130,16 +130,20 @@ def validate_args(args) -> None:
 
 # ----------------------------------------------------------------------------------------------------- validation
 @torch.no_grad()
-def validate(preview, vae, clips: torch.Tensor, folder: str, step: int) -> dict:
+def held_out_set(vae, clips: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    """The held-out clips, their latents (one clip each) and the VAE's frames: the frozen VAE's part of every
+    validation, computed once."""
+    pairs = [distillation_batch(vae, clip[None], "vae") for clip in clips]
+    return clips.cpu(), [latents for latents, _ in pairs], torch.cat([decoded.cpu() for _, decoded in pairs])
+
+
+@torch.no_grad()
+def validate(preview, held_out, folder: str, step: int) -> dict:
     """Held-out PSNR of the preview against the VAE's frames and against the clips; a PNG strip of the first clip."""
+    clips, latents, vaes = held_out
     preview.eval()
-    outs, vaes = [], []
-    for clip in clips:
-        latents, decoded = distillation_batch(vae, clip[None], "vae")
-        outs.append(preview.decode(latents).float().cpu())
-        vaes.append(decoded.cpu())
+    outs = torch.cat([preview.decode(z).float().cpu() for z in latents])
     preview.train()
-    outs, vaes = torch.cat(outs), torch.cat(vaes)
     os.makedirs(folder, exist_ok=True)
     frame_strip(tensor_to_frames(torch.stack([clips[0], vaes[0], outs[0]])), os.path.join(folder, f"step-{step}.png"))
     return {"psnr_vs_vae": psnr(outs, vaes), "psnr_vs_frames": psnr(outs, clips), "vae_psnr": psnr(vaes, clips)}
@@ -180,7 +184,7 @@ def main(input_args=None):
     logger.info("preview decoder: %.2fM parameters, %dx spatial / %dx temporal, %s targets",
                 sum(p.numel() for p in model.parameters()) / 1e6, model.spatial_compression_ratio,
                 model.temporal_compression_ratio, args.target)
-    held_out = (validation_clips(args, args.num_validation_clips, args.validation_num_frames).to(accelerator.device)
+    held_out = (held_out_set(vae, validation_clips(args, args.num_validation_clips, args.validation_num_frames))
                 if accelerator.is_main_process else None)
 
     data = clip_batches(training_clips(args, accelerator.num_processes), args, accelerator, global_step)
@@ -204,7 +208,7 @@ def main(input_args=None):
         bar.update(1)
         bar.set_postfix(loss=f"{logs['loss']:.4g}")
         if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
-            metrics = validate(model, vae, held_out, os.path.join(args.output_dir, "validation"), global_step)
+            metrics = validate(model, held_out, os.path.join(args.output_dir, "validation"), global_step)
             logs.update({f"val_{k}": v for k, v in metrics.items()})
             logger.info("step %d: held-out PSNR %.2f dB vs the VAE, %.2f dB vs the clips", global_step,
                         metrics["psnr_vs_vae"], metrics["psnr_vs_frames"])
@@ -215,7 +219,7 @@ def main(input_args=None):
     # --- export: the preview decoder (diffusers folder), its held-out PSNRs, a model card
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        metrics = validate(model, vae, held_out, os.path.join(args.output_dir, "validation"), global_step)
+        metrics = validate(model, held_out, os.path.join(args.output_dir, "validation"), global_step)
         metrics.update(steps=global_step, parameters=sum(p.numel() for p in model.parameters()))
         model.to("cpu").save_pretrained(args.output_dir)
         with open(os.path.join(args.output_dir, "metrics.json"), "w") as handle:
