@@ -34,3 +34,23 @@ def test_world_reward_through_the_composer_and_its_errors():
         build_reward("world")(_videos(clips), prompts=["a cat playing the piano"])
     with pytest.raises(ValueError, match="prompts"):
         build_reward("world")(_videos(clips))
+
+
+def test_world_reward_in_worker_processes_equals_the_serial_score():
+    """``workers > 1`` scores a batch in a process pool (CM-GRPO's reward on a many-core GPU host): same numbers,
+    same early error for a prompt outside the grammar (raised here, before any work is sent out)."""
+    from raven_video.rewards.world import WorldReward
+
+    clips = [render_clip(seed, num_frames=17) for seed in (4, 5, 6)]
+    prompts = [clips[1].prompt, clips[0].prompt, clips[2].prompt]  # one video scored against the wrong prompt too
+    serial = WorldReward(workers=1)(_videos(clips), prompts=prompts)["world"]
+    pooled = WorldReward(workers=2)
+    try:
+        assert torch.equal(pooled(_videos(clips), prompts=prompts)["world"], serial)
+        assert pooled._pool is not None
+        with pytest.raises(ValueError, match="not a world caption"):
+            pooled(_videos(clips), prompts=[*prompts[:2], "a cat playing the piano"])
+    finally:
+        pooled.close()
+    with pytest.raises(ValueError, match="workers=0"):
+        WorldReward(workers=0)

@@ -58,6 +58,7 @@ __all__ = [
     "detect_objects",
     "estimate_background",
     "score_video",
+    "world_score_of",
     "score_videos",
     "feature_statistics",
     "frechet_distance",
@@ -678,6 +679,13 @@ def score_video(frames: np.ndarray, prompt: str, window: int = 81, caption_frame
     lengths = np.array([stop - start for start, stop in bounds], dtype=np.float64)
     summary = {key: _weighted_nanmean([w[key] for w in windows], lengths) for key in windows[0] if key != "world_score"}
     return VideoScore(summary=_with_world_score(summary), windows=windows, window_bounds=bounds)
+
+
+def world_score_of(item: tuple[np.ndarray, str], window: int = 81, lag: int = 4) -> float:
+    """``score_video(video, prompt).summary["world_score"]`` of one ``(video, prompt)`` pair: a module-level function
+    (torch-free) that a worker process can import to score rewards in parallel."""
+    video, prompt = item
+    return score_video(video, prompt, window=window, lag=lag).summary["world_score"]
 
 
 def _weighted_nanmean(values: Sequence[float], weights: np.ndarray) -> float:
