@@ -41,7 +41,9 @@ from raven_video.cli.training import (
     EncodedPrompts,
     TimeBudget,
     add_optimizer_arguments,
+    add_compile_arguments,
     add_run_arguments,
+    compile_transformers,
     argument_parser,
     check_run_args,
     create_hub_repo,
@@ -126,6 +128,7 @@ def parse_args(input_args=None):
     p.add_argument("--ema_decay", type=float, default=0.0, help="EMA of the exported weights; 0 exports the raw ones.")
     p.add_argument("--max_train_steps", type=int, default=3000)
     p.add_argument("--seed", type=int, default=0)
+    add_compile_arguments(p)
     add_run_arguments(p, output_dir="ode-init-output", checkpointing_steps=500)
     args = p.parse_args(input_args)
     args.trajectory_dir = args.trajectory_dir or os.path.join(args.output_dir, "trajectories")
@@ -260,6 +263,7 @@ def main(input_args=None):
     pipe.text_encoder.requires_grad_(False).to(accelerator.device, dtype=weight_dtype)
     pipe.vae.requires_grad_(False).to(accelerator.device)
     cast_weights(teacher.requires_grad_(False).eval(), weight_dtype).to(accelerator.device)
+    compile_transformers(args, teacher)
 
     # --- phase 1: the teacher's trajectories (resumable parts), then the teacher leaves the accelerator
     num_parts = generate_trajectories(args, accelerator, pipe, teacher, prompts, shape, weight_dtype)
@@ -275,6 +279,7 @@ def main(input_args=None):
     student.train().requires_grad_(True)
     if args.gradient_checkpointing:
         student.enable_gradient_checkpointing()
+    compile_transformers(args, student)
     optimizer = make_optimizer(args, student.parameters(), args.learning_rate)
     lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=args.lr_warmup_steps)
     student_train, optimizer, lr_scheduler = accelerator.prepare(GeneratorForward(student), optimizer, lr_scheduler)

@@ -26,7 +26,9 @@ from tqdm.auto import tqdm
 from raven_video.cli.training import (
     TimeBudget,
     add_optimizer_arguments,
+    add_compile_arguments,
     add_run_arguments,
+    compile_transformers,
     argument_parser,
     check_run_args,
     create_hub_repo,
@@ -107,6 +109,7 @@ def parse_args(input_args=None):
     p.add_argument("--max_train_steps", type=int, default=220, help="Iterations (RAVEN: 220 = 110 generator updates).")
     p.add_argument("--seed", type=int, default=20001019)
     # checkpoints, logging, validation, export
+    add_compile_arguments(p)
     add_run_arguments(p, output_dir="raven-output", checkpointing_steps=110)
     args = p.parse_args(input_args)
     env_rank = int(os.environ.get("LOCAL_RANK", -1))
@@ -295,6 +298,7 @@ def main(input_args=None):
     if args.gradient_checkpointing:
         student.enable_gradient_checkpointing()
         critic.enable_gradient_checkpointing()
+    compile_transformers(args, student, critic, teacher)
     if not is_fsdp:
         cast_weights(teacher, weight_dtype).to(accelerator.device)
 

@@ -33,6 +33,7 @@ from raven_video.cli.training import (
     EncodedPrompts,
     TimeBudget,
     add_optimizer_arguments,
+    add_compile_arguments,
     add_run_arguments,
     argument_parser,
     check_run_args,
@@ -116,11 +117,7 @@ def parse_args(input_args=None):
     p.add_argument("--ema_decay", type=float, default=0.999, help="EMA of the exported weights; 0 exports the raw ones.")
     p.add_argument("--max_train_steps", type=int, default=10000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile each transformer block in place (regional: one graph shared by all blocks, "
-                        "state-dict keys unchanged); small models are launch-bound, compiled blocks fuse their "
-                        "pointwise kernels.")
-    p.add_argument("--compile_backend", default="inductor", help="torch.compile backend of --compile.")
+    add_compile_arguments(p)
     # validation sampling (Euler on the PF-ODE, classifier-free guidance)
     p.add_argument("--validation_num_steps", type=int, default=48)
     p.add_argument("--guidance_scale", type=float, default=3.0, help="Validation CFG, neg + w(pos - neg).")

@@ -165,3 +165,15 @@ def test_bad_input_is_one_line_without_traceback(tmp_path):
     lines = out.stderr.strip().splitlines()
     assert "Traceback" not in out.stderr and len(lines) == 1
     assert lines[0].startswith("train_raven.py: error: --num_frames 17 (5 latent frames) does not fit")
+
+
+def test_compile_trains_like_eager(tmp_path, prompts):
+    """``--compile`` (``compile_streaming`` on the student, critic and teacher: launch-bound small models) changes the
+    kernels, not the training: the same losses after generator and critic steps. The aot_eager backend checks the
+    wiring (dynamo + AOTAutograd through rollouts and the training-time test) on CPU without a C++ toolchain."""
+    torch._dynamo.reset()
+    extra = ("--max_train_steps", "2", "--ttur", "1", "--checkpointing_steps", "100")
+    eager = _run(tmp_path / "eager", prompts, *extra)
+    compiled = _run(tmp_path / "compiled", prompts, *extra, "--compile", "--compile_backend", "aot_eager")
+    for key in ("critic_loss", "dmd_loss"):
+        assert compiled[key] == pytest.approx(eager[key], rel=1e-4, abs=1e-6), key

@@ -160,3 +160,8 @@ def test_ode_init_trajectories_on_device_keep_the_losses(tmp_path, prompts):
     train_ode_init.main(common + ["--output_dir", str(tmp_path / "host")])
     train_ode_init.main(common + ["--output_dir", str(tmp_path / "device"), "--trajectories_on_device"])
     np.testing.assert_allclose(_losses(tmp_path / "device"), _losses(tmp_path / "host"), rtol=1e-5, atol=1e-7)
+    # --compile (compile_streaming on the teacher and the student; aot_eager: the wiring, on CPU) keeps them too
+    torch._dynamo.reset()
+    train_ode_init.main(common + ["--output_dir", str(tmp_path / "compiled"), "--compile", "--compile_backend",
+                                  "aot_eager"])
+    np.testing.assert_allclose(_losses(tmp_path / "compiled"), _losses(tmp_path / "host"), rtol=1e-4, atol=1e-6)

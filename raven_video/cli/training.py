@@ -78,6 +78,24 @@ def add_optimizer_arguments(p, *, adam_epsilon: float) -> None:
     p.add_argument("--max_grad_norm", type=float, default=1000.0, help="Reference default 1000 (= no clipping).")
 
 
+def add_compile_arguments(p) -> None:
+    """``--compile`` / ``--compile_backend``: small transformers are launch-bound, compiled blocks fuse their kernels."""
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the transformers' blocks in place (regional: one graph shared by all blocks, "
+                        "state-dict keys unchanged); small models are launch-bound, compiled blocks fuse their "
+                        "pointwise kernels.")
+    p.add_argument("--compile_backend", default="inductor", help="torch.compile backend of --compile.")
+
+
+def compile_transformers(args, *transformers) -> None:
+    """``--compile`` for causal students and their critics / teachers: ``compile_streaming`` (the static-shape halves
+    of each block; the attention, whose key length and mask change with the chunk and the history, stays eager, so
+    rollouts and training-time-test sequences do not recompile per position)."""
+    if args.compile:
+        for transformer in transformers:
+            transformer.compile_streaming(backend=args.compile_backend)
+
+
 def add_run_arguments(p, *, output_dir: str, checkpointing_steps: int) -> None:
     """Checkpoint, resume, logging and validation flags shared by the training scripts."""
     p.add_argument("--output_dir", type=str, default=output_dir)
