@@ -33,14 +33,16 @@ class UsageError(SystemExit):
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description="Generate videos with a causal, KV-cached Wan2.1 student (RAVEN). Without --model a tiny RANDOM "
-        "pipeline is built: its output is noise (it only shows the code path runs).",
+        description="Generate videos with a causal, KV-cached Wan2.1 student (RAVEN). Without --model: the world model "
+        "shipped in the package (raven_video.world.pretrained(), docs/world.md) where this installation has it, "
+        "otherwise a tiny RANDOM pipeline whose output is noise (it only shows the code path runs).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("prompts", nargs="*", help="One or more prompts (each gives one video per seed).")
     p.add_argument("--prompt_file", default=None, help="Text file with one prompt per line (blank lines skipped).")
     p.add_argument("--model", default=None,
-                   help="CausalWanPipeline folder or Hub id 'org/name' (None: a tiny random pipeline, noise output).")
+                   help="CausalWanPipeline folder or Hub id 'org/name' (None: the shipped world model if present, else "
+                        "a tiny random pipeline, noise output).")
     p.add_argument("--output_dir", default="outputs", help="Where the mp4 files go (created if needed).")
     p.add_argument("--num_frames", type=int, default=81,
                    help="Pixel frames, 4k+1, fitting the model's chunks (81 = 5 s at 16 fps).")
@@ -89,6 +91,17 @@ def read_prompts(args) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------------- the model
+def shipped_model() -> str | None:
+    """The world pipeline shipped in the package (``raven_video.world.pretrained_path()``), or ``None`` where this
+    installation has none (then the tiny random pipeline stands in)."""
+    from ..world.shipped import pretrained_path
+
+    try:
+        return pretrained_path()
+    except FileNotFoundError:
+        return None
+
+
 def model_kind(model: str | None) -> str:
     """``"default"``, ``"folder"`` or ``"hub"``; a path that exists nowhere is a :class:`UsageError`."""
     if model is None:
@@ -145,6 +158,8 @@ def check_args(args) -> dict:
         raise UsageError(f"--fps {args.fps} must be a positive frame rate, e.g. 16 (or leave it out: the model's).")
     if not math.isfinite(args.guidance_scale) or args.guidance_scale < 1:
         raise UsageError(f"--guidance_scale {args.guidance_scale} must be a finite number >= 1 (1 = unguided).")
+    if args.model is None:
+        args.model = shipped_model()
     index, config = model_configs(args)
     problem = num_frames_problem(args.num_frames, int(config.get("num_frames_per_block", 3)),
                                  config.get("num_frames_first_block"))
