@@ -119,3 +119,18 @@ def test_word_swap_gaps_measure_which_words_a_model_reads():
         torch.nn.init.zeros_(block.attn2.to_out[0].bias)
     deaf = ev.word_swap_gaps(pipe, evalset, sigmas=(0.5, 0.9))
     assert all(value == 0.0 for value in deaf.values()), deaf
+
+
+def test_student_videos_with_the_students_own_guidance():
+    """``evaluate.student_videos(guidance_scale=...)`` (``evaluate_world.py --student_guidance``): 1 is the plain
+    student; > 1 adds the empty-prompt branch and changes the video, same noise, same shape."""
+    from raven_video.world import evaluate as ev
+
+    pipe = world_pipeline(tiny_vae(), tiny_causal_transformer(text_dim=TEXT_DIM))
+    pipe.set_progress_bar_config(disable=True)
+    evalset = ev.heldout_set(2)
+    plain = ev.student_videos(pipe, evalset, num_frames=9)
+    assert all((a == b).all() for a, b in zip(plain, ev.student_videos(pipe, evalset, num_frames=9, guidance_scale=1.0)))
+    guided = ev.student_videos(pipe, evalset, num_frames=9, guidance_scale=3.0)
+    assert [v.shape for v in guided] == [v.shape for v in plain]
+    assert any((a != b).any() for a, b in zip(plain, guided))

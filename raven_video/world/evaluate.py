@@ -134,8 +134,10 @@ def _noise(seeds, shape, device) -> torch.Tensor:
 
 @torch.no_grad()
 def student_videos(pipe, evalset: EvalSet, num_frames: int = TRAINING_FRAMES, batch_size: int = 16,
-                   local_attn_size: int | None = None, sink_size: int | None = None) -> list[np.ndarray]:
-    """A causal few-step pipeline's videos (uint8) of the set's prompts, initial noise seeded by each seed."""
+                   local_attn_size: int | None = None, sink_size: int | None = None,
+                   guidance_scale: float = 1.0) -> list[np.ndarray]:
+    """A causal few-step pipeline's videos (uint8) of the set's prompts, initial noise seeded by each seed;
+    ``guidance_scale`` > 1: the student's own CFG against the empty prompt (a negative branch per step)."""
     device = pipe._execution_device
     latent_frames = pipe.latent_frames(num_frames)
     s = pipe.vae_scale_factor_spatial
@@ -146,7 +148,8 @@ def student_videos(pipe, evalset: EvalSet, num_frames: int = TRAINING_FRAMES, ba
         frames = pipe(prompt=list(evalset.prompts[start:start + batch_size]), num_frames=num_frames,
                       latents=_noise(seeds, shape, device),
                       generator=[torch.Generator().manual_seed(seed + 1) for seed in seeds],
-                      local_attn_size=local_attn_size, sink_size=sink_size, output_type="np").frames
+                      local_attn_size=local_attn_size, sink_size=sink_size, guidance_scale=guidance_scale,
+                      output_type="np").frames
         videos.extend(to_uint8_frames(v) for v in frames)
     return videos
 
