@@ -72,3 +72,12 @@ def test_generate_defaults_to_the_shipped_world_model_where_present(parts, tmp_p
                                 "--output_dir", str(tmp_path / "videos")])
     index = generate.check_args(args)
     assert args.model == str(tmp_path / "weights" / "pipeline") and index["height"] == 64
+
+
+def test_generate_names_words_a_world_model_does_not_know(parts, capsys):
+    from raven_video.cli import generate
+
+    generate.check_world_prompts(str(parts / "student"), ["a red circle moves right quickly, on a black background"])
+    with pytest.raises(generate.UsageError, match=r"'cat', 'grass', 'walks' not in the world model's vocabulary"):
+        generate.check_world_prompts(str(parts / "student"), ["a cat walks on the grass"])
+    generate.check_world_prompts(None, ["a cat walks on the grass"])  # the tiny random pipeline: anything goes

@@ -223,6 +223,24 @@ def load_pipeline(args):
     return pipe.to(device)
 
 
+def check_world_prompts(model: str | None, prompts: list[str]) -> None:
+    """A world model (its tokenizer is the world's closed vocabulary, ``raven_video.world.captions``) maps any other
+    word to ``<unk>`` and draws something unrelated: name the unknown words and show a caption, before any weight."""
+    if model is None or not os.path.isfile(os.path.join(model, "tokenizer", "tokenizer.json")):
+        return
+    from ..world.captions import VOCABULARY, tokenize
+
+    vocab = _read_json(os.path.join(model, "tokenizer", "tokenizer.json"), "tokenizer").get("model", {}).get("vocab")
+    if not isinstance(vocab, dict) or not set(VOCABULARY) <= set(vocab) or len(vocab) > len(VOCABULARY) + 8:
+        return  # not a world tokenizer
+    for prompt in prompts:
+        unknown = sorted({word for word in tokenize(prompt) if word not in vocab})
+        if unknown:
+            raise UsageError(f"prompt {prompt!r}: {', '.join(repr(w) for w in unknown)} not in the world model's "
+                             "vocabulary; write a world caption, e.g. \"a red circle moves right quickly and bounces off "
+                             "the wall, on a black background\" (docs/world.md).")
+
+
 def slug(text: str, limit: int = 60) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")[:limit] or "video"
 
@@ -232,6 +250,7 @@ def main(argv=None) -> list[str]:
     args = parse_args(argv)
     prompts = read_prompts(args)
     index = check_args(args)
+    check_world_prompts(args.model if model_kind(args.model) == "folder" else None, prompts)
     height = args.height or index.get("height", 480)
     width = args.width or index.get("width", 832)
 
