@@ -72,6 +72,10 @@ def parse_args(input_args=None):
     add_clip_arguments(p, num_frames=17)
     p.add_argument("--learning_rate", type=float, default=5e-4)
     p.add_argument("--lr_warmup_steps", type=int, default=100)
+    p.add_argument("--lr_scheduler", type=str, default="constant_with_warmup",
+                   choices=("constant_with_warmup", "linear", "cosine"),
+                   help="linear / cosine decay to 0 at --max_train_steps (a resumed run follows the new schedule from "
+                        "its step)")
     add_optimizer_arguments(p, adam_epsilon=1e-8)
     p.set_defaults(adam_beta1=0.9, max_grad_norm=1.0)
     p.add_argument("--max_train_steps", type=int, default=2000)
@@ -175,7 +179,8 @@ def main(input_args=None):
     vae.requires_grad_(False).eval().to(accelerator.device)
     preview.train()
     optimizer = make_optimizer(args, preview.parameters(), args.learning_rate)
-    lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=args.lr_warmup_steps)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
+                                 num_training_steps=args.max_train_steps)
     objective, optimizer, lr_scheduler = accelerator.prepare(PreviewDistillation(preview), optimizer, lr_scheduler)
     progress = register_and_resume(accelerator, (), resume_path)
     global_step = first_step = progress.global_step

@@ -121,3 +121,23 @@ def test_preview_distillation_is_reproducible(tmp_path):
         with open(tmp_path / name / "logs" / "metrics.jsonl") as handle:
             runs.append([row["loss"] for row in map(json.loads, handle) if "loss" in row])
     assert len(runs[0]) == 3 and runs[0] == runs[1]
+
+
+def test_preview_linear_schedule_decays_and_a_resumed_run_follows_it(tmp_path):
+    """``--lr_scheduler linear``: the rate falls to 0 at ``--max_train_steps``; a run resumed with a longer budget and
+    the new schedule continues from its step (how the world preview was extended)."""
+    tiny_vae(seed=0).save_pretrained(str(tmp_path / "vae"))
+    common = ["--pretrained_vae", str(tmp_path / "vae"), "--widths", "8,8,8,8", "--num_frames", "5", "--height", "32",
+              "--width", "32", "--train_batch_size", "2", "--validation_steps", "100", "--num_validation_clips", "1",
+              "--validation_num_frames", "5", "--dataloader_num_workers", "0", "--lr_warmup_steps", "0",
+              "--learning_rate", "1e-3", "--checkpointing_steps", "2", "--output_dir", str(tmp_path / "run"),
+              "--report_to", "none"]
+    train_preview_decoder.main(common + ["--max_train_steps", "2"])
+    train_preview_decoder.main(common + ["--max_train_steps", "6", "--lr_scheduler", "linear",
+                                         "--resume_from_checkpoint", "latest"])
+    with open(tmp_path / "run" / "logs" / "metrics.jsonl") as handle:
+        rows = [row for row in map(json.loads, handle) if "lr" in row]
+    assert [row["step"] for row in rows] == [1, 2, 3, 4, 5, 6]
+    assert [row["lr"] for row in rows[:2]] == [1e-3, 1e-3]
+    # after step s of 6: 1e-3 * (6 - s) / 6
+    np.testing.assert_allclose([row["lr"] for row in rows[2:]], [1e-3 * (6 - s) / 6 for s in (3, 4, 5, 6)], atol=1e-12)
