@@ -37,6 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--output", required=True, help="folder to write (replaced if it exists)")
     p.add_argument("--transformer_dtype", default="fp16", choices=("fp16", "bf16", "fp32"),
                    help="storage dtype of the student transformer (the pipeline runs it in the dtype it is given)")
+    p.add_argument("--guidance_scale", type=float, default=1.0,
+                   help="the folder's default sampling CFG (model_index.json; calls may override it; 1 = unguided)")
     p.add_argument("--max_mb", type=float, default=30.0, help="size budget of the whole folder, in MB (10^6 bytes)")
     args = p.parse_args(argv)
     student_transformer = os.path.join(args.student, "transformer")
@@ -60,6 +62,8 @@ def parse_args(argv=None):
                 args.metrics_data = json.load(f)
         except (OSError, json.JSONDecodeError) as err:
             p.error(f"--metrics {args.metrics!r} cannot be read as JSON ({err}); pass evaluate_world.py's output.")
+    if not (args.guidance_scale >= 1.0 and args.guidance_scale < float("inf")):
+        p.error(f"--guidance_scale {args.guidance_scale} must be a finite number >= 1 (1 = unguided).")
     if args.max_mb <= 0:
         p.error(f"--max_mb {args.max_mb} must be positive.")
     return args
@@ -76,6 +80,8 @@ def model_card(args, size_mb: float) -> str:
              "video world (64x64, 16 fps; `docs/world.md`): VAE -> teacher -> ODE init -> RAVEN -> CM-GRPO.", "",
              "```python", "from raven_video.world import pretrained",
              "video = pretrained()(\"a red circle moves right quickly, on a black background\").frames[0]", "```", "",
+             f"Sampling: 4 steps per chunk of 3 latent frames, guidance {args.guidance_scale:g} by default "
+             "(`guidance_scale=` overrides it; 1 = unguided, about 2x faster).", "",
              f"Folder size: {size_mb:.1f} MB. Student transformer stored in {args.transformer_dtype}; "
              "`preview_decoder/` is a TAEHV-architecture decoder for `pipe.enable_realtime(preview_decoder=...)`."]
     metrics = getattr(args, "metrics_data", None)
@@ -113,7 +119,7 @@ def export(args) -> str:
     tmp = output + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        world_pipeline(vae, transformer).save_pretrained(tmp)
+        world_pipeline(vae, transformer, guidance_scale=args.guidance_scale).save_pretrained(tmp)
         if args.preview_decoder is not None:
             TAEHVDecoder.from_pretrained(args.preview_decoder).save_pretrained(os.path.join(tmp, "preview_decoder"))
         if getattr(args, "metrics_data", None) is not None:

@@ -47,6 +47,33 @@ def test_export_writes_a_loadable_fp16_pipeline_with_its_preview_and_metrics(par
     assert json.loads((out / "metrics.json").read_text())["student"]["1x"]["world_score"] == 0.5
     assert "shape 0.250" in (out / "README.md").read_text()
     assert not os.path.exists(str(out) + ".tmp")
+    assert pipe.default_guidance_scale == 1.0
+
+
+def test_export_records_the_default_guidance_and_generate_uses_it(parts, tmp_path, capsys):
+    from raven_video.cli import generate
+
+    out = tmp_path / "pipeline"
+    _export(parts, out, "--guidance_scale", "2.5")
+    assert json.loads((out / "model_index.json").read_text())["guidance_scale"] == 2.5
+    assert "guidance 2.5 by default" in (out / "README.md").read_text()
+    seen = []
+    original = CausalWanPipeline.stream
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs["guidance_scale"])
+        return original(self, *args, **kwargs)
+
+    import unittest.mock
+    with unittest.mock.patch.object(CausalWanPipeline, "stream", spy):
+        for extra in ([], ["--guidance_scale", "1"]):
+            generate.main(["a red circle moves right quickly, on a black background", "--model", str(out),
+                           "--num_frames", "9", "--output_dir", str(tmp_path / "videos"), *extra])
+    assert seen == [2.5, 1.0]
+    with pytest.raises(SystemExit):
+        _export(parts, tmp_path / "bad", "--guidance_scale", "0.5")
+    assert "--guidance_scale 0.5 must be a finite number >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_export_over_budget_or_with_bad_inputs_fails_early_and_leaves_nothing(parts, tmp_path, capsys):

@@ -66,6 +66,26 @@ def test_cfg_runs_and_differs(pipe):
     assert guided.shape == plain.shape and not np.array_equal(plain, guided)
 
 
+def test_the_configs_guidance_is_the_default_and_survives_save_load(pipe, tmp_path):
+    call = dict(prompt="a cat", negative_prompt="blurry", output_type="latent", **SIZE)
+    guided = pipe(**call, guidance_scale=3.0, generator=_gen()).frames
+    plain = pipe(**call, generator=_gen()).frames
+    assert pipe.config.guidance_scale == 1.0
+    assert torch.equal(plain, pipe(**call, guidance_scale=1.0, generator=_gen()).frames)
+    assert (guided - plain).abs().max() > 1e-3  # 10x the tolerance below: the checks tell the two apart
+    pipe.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    (tmp_path / "model_index.json").write_text(json.dumps({**index, "guidance_scale": 3.0}))
+    loaded = CausalWanPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.default_guidance_scale == 3.0
+    torch.testing.assert_close(loaded(**call, generator=_gen()).frames, guided, atol=1e-4, rtol=0)
+    torch.testing.assert_close(loaded(**call, guidance_scale=1.0, generator=_gen()).frames, plain, atol=1e-4, rtol=0)
+    (tmp_path / "model_index.json").write_text(json.dumps({**index, "guidance_scale": 0.5}))
+    with pytest.raises(ValueError, match=r"guidance_scale=0.5 in the pipeline config must be a finite number >= 1"):
+        CausalWanPipeline.from_pretrained(tmp_path)
+
+
 def test_prompt_switch_changes_only_later_chunks(pipe):
     base = list(pipe.stream("a cat walks", generator=_gen(), **SIZE))
     switched = list(pipe.stream("a cat walks", generator=_gen(), prompt_schedule={2: "a red car drives"}, **SIZE))

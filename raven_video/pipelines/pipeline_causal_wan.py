@@ -138,6 +138,8 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             (``docs/method.md`` §1.3).
         fps (`int`, defaults to 16): frame rate of the generated video (metadata for writers).
         height, width (`int`, defaults to 480 x 832): the model's native size, used when a call gives none.
+        guidance_scale (`float`, defaults to 1.0): the model's sampling guidance, used when a call gives none (1 =
+            unguided, as RAVEN ships; a few-step student may be published with its own CFG).
         max_sequence_length (`int`, defaults to 512): the text length the transformer was trained with (prompt
             embeddings are zero-padded to it), used when a call gives none.
     """
@@ -164,6 +166,7 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         height: int = 480,
         width: int = 832,
         max_sequence_length: int = 512,
+        guidance_scale: float = 1.0,
     ):
         super().__init__()
         self.register_modules(
@@ -174,8 +177,11 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             next_timesteps(timesteps)
         except ValueError as err:
             raise ValueError(f"denoising_timesteps: {err} E.g. [1000, 938, 833, 625].") from None
+        if not (isinstance(guidance_scale, (int, float)) and math.isfinite(guidance_scale) and guidance_scale >= 1.0):
+            raise ValueError(f"guidance_scale={guidance_scale!r} in the pipeline config must be a finite number >= 1 "
+                             "(1 = unguided).")
         self.register_to_config(denoising_timesteps=timesteps, fps=int(fps), height=int(height), width=int(width),
-                                max_sequence_length=int(max_sequence_length))
+                                max_sequence_length=int(max_sequence_length), guidance_scale=float(guidance_scale))
         self.vae_scale_factor_temporal = vae.config.scale_factor_temporal if vae is not None else 4
         self.vae_scale_factor_spatial = vae.config.scale_factor_spatial if vae is not None else 8
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
@@ -257,6 +263,11 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                     )
                 if not isinstance(text, str) or not text.strip():
                     raise ValueError(f"prompt_schedule[{chunk}]={text!r} must be a non-empty string.")
+
+    @property
+    def default_guidance_scale(self) -> float:
+        """The guidance a call without ``guidance_scale`` uses (the config's; 1.0 for folders saved before it)."""
+        return float(getattr(self.config, "guidance_scale", 1.0))
 
     def latent_frames(self, num_frames: int) -> int:
         return (num_frames - 1) // self.vae_scale_factor_temporal + 1
@@ -410,7 +421,7 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         num_frames: int = 81,
         height: int | None = None,
         width: int | None = None,
-        guidance_scale: float = 1.0,
+        guidance_scale: float | None = None,
         num_videos_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
@@ -427,7 +438,8 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
 
         Args:
             prompt, negative_prompt, num_frames, height, width, generator, output_type: as in ``__call__``.
-            guidance_scale (`float`, defaults to 1.0): classifier-free guidance of the student (1 = unguided, the
+            guidance_scale (`float`, *optional*): classifier-free guidance of the student (default: the pipeline
+                config's ``guidance_scale``; 1 = unguided, the
                 released RAVEN setting; >1 runs a negative branch with its own cache entries).
             latents (`torch.Tensor`, *optional*): the full-length initial noise ``[B, 16, F_lat, H/8, W/8]``.
             prompt_schedule (`Mapping[int, str]`, *optional*): ``{chunk_index: new_prompt}`` switches the prompt from
@@ -444,6 +456,8 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         width = self.config.width if width is None else width
         if max_sequence_length is None:
             max_sequence_length = self.config.max_sequence_length
+        if guidance_scale is None:
+            guidance_scale = self.default_guidance_scale
         self.check_inputs(prompt, negative_prompt, num_frames, height, width, prompt_embeds, guidance_scale,
                           local_attn_size, sink_size, prompt_schedule, num_videos_per_prompt, max_sequence_length)
         if prompt_schedule is not None and (prompt is None or (not isinstance(prompt, str) and len(prompt) != 1)):
@@ -524,7 +538,7 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         num_frames: int = 81,
         height: int | None = None,
         width: int | None = None,
-        guidance_scale: float = 1.0,
+        guidance_scale: float | None = None,
         num_videos_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,

@@ -99,12 +99,13 @@ def world_text_encoder(seed: int = 0, binding: dict | None = BINDING_HEADS) -> U
     return encoder
 
 
-def world_pipeline(vae, transformer, text_encoder=None, tokenizer=None):
-    """A ``CausalWanPipeline`` of the world's components at its native size (64x64, 16 fps, 64 text tokens)."""
+def world_pipeline(vae, transformer, text_encoder=None, tokenizer=None, guidance_scale: float = 1.0):
+    """A ``CausalWanPipeline`` of the world's components at its native size (64x64, 16 fps, 64 text tokens), sampled
+    with ``guidance_scale`` when a call gives none."""
     from ..pipelines.pipeline_causal_wan import CausalWanPipeline
 
     return CausalWanPipeline(
         tokenizer=tokenizer or world_tokenizer(), text_encoder=text_encoder or world_text_encoder(), vae=vae,
         scheduler=FlowMatchLCMScheduler(shift=DEFAULT_SHIFT), transformer=transformer, fps=FPS, height=64, width=64,
-        max_sequence_length=MAX_SEQUENCE_LENGTH,
+        max_sequence_length=MAX_SEQUENCE_LENGTH, guidance_scale=guidance_scale,
     )
