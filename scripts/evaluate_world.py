@@ -39,8 +39,9 @@ def parse_args(argv=None):
     p.add_argument("--lengths", default="1,2,4", help="multiples of the 81-frame training length for --model")
     p.add_argument("--local_attn_size", type=int, default=21, help="latent frames of the window beyond 1x")
     p.add_argument("--sink_size", type=int, default=3, help="latent frames of the sink beyond 1x")
-    p.add_argument("--student_guidance", type=float, default=1.0,
-                   help="CFG of --model against the empty prompt (1: none, one branch; the pipeline's guidance_scale)")
+    p.add_argument("--student_guidance", type=float, default=None,
+                   help="CFG of --model against the empty prompt (1: none, one branch; default: the model's own, its "
+                        "model_index.json guidance_scale)")
     p.add_argument("--teacher_steps", type=int, default=48)
     p.add_argument("--teacher_guidance", type=float, default=3.0)
     p.add_argument("--teacher_shift", type=float, default=None,
@@ -65,7 +66,7 @@ def parse_args(argv=None):
         args.lengths = [int(v) for v in args.lengths.split(",") if v.strip()]
     except ValueError:
         p.error(f"--lengths {args.lengths!r}: give comma-separated integers, e.g. 1,2,4.")
-    if not args.student_guidance >= 1.0:
+    if args.student_guidance is not None and not args.student_guidance >= 1.0:
         p.error(f"--student_guidance {args.student_guidance} must be >= 1 (1 = no guidance).")
     if not args.lengths or min(args.lengths) < 1 or args.num_prompts < 2:
         p.error(f"--lengths {args.lengths} must be >= 1 and --num_prompts {args.num_prompts} >= 2.")
@@ -120,7 +121,8 @@ def main(argv=None):
             print("teacher word-swap loss gaps: " + ", ".join(
                 f"{k} {report['teacher_word_swap_gaps'][k]:+.4f}" for k in (*ev.WORD_KINDS, "empty")), file=sys.stderr)
     if student is not None:
-        report["student"], report["student_guidance"] = {}, args.student_guidance
+        guidance = student.default_guidance_scale if args.student_guidance is None else args.student_guidance
+        report["student"], report["student_guidance"] = {}, guidance
         for length in args.lengths:
             tic = time.perf_counter()
             long = length > 1
@@ -128,7 +130,7 @@ def main(argv=None):
                                        batch_size=args.batch_size,
                                        local_attn_size=args.local_attn_size if long else None,
                                        sink_size=args.sink_size if long else None,
-                                       guidance_scale=args.student_guidance)
+                                       guidance_scale=guidance)
             timings[f"student_{length}x_seconds"] = time.perf_counter() - tic
             report["student"][f"{length}x"] = ev.score(videos, evalset, encoder, reference, args.workers,
                                                        strip=f"{stem}-student-{length}x.png")

@@ -31,7 +31,8 @@ def parse_args(argv=None):
     p.add_argument("--student", required=True,
                    help="CausalWanPipeline folder of the final student (e.g. <recipe root>/cm_grpo/merged), or its "
                         "transformer folder")
-    p.add_argument("--vae", default=None, help="AutoencoderKLWan folder (default: the student pipeline's VAE)")
+    p.add_argument("--vae", default=None, help="AutoencoderKLWan folder (default: the student pipeline's VAE); its "
+                   "metrics.json, if any, is copied along")
     p.add_argument("--preview_decoder", default=None, help="TAEHVDecoder folder (train_preview_decoder.py)")
     p.add_argument("--metrics", default=None, help="evaluate_world.py JSON of this student, copied as metrics.json")
     p.add_argument("--output", required=True, help="folder to write (replaced if it exists)")
@@ -53,7 +54,7 @@ def parse_args(argv=None):
         args.vae = os.path.join(args.student, "vae")
     if not os.path.isfile(os.path.join(args.vae, "config.json")):
         p.error(f"--vae {args.vae!r} is not an AutoencoderKLWan folder; pass the world VAE (e.g. "
-                "raven_video/world/weights/vae).")
+                "raven_video/world/weights/pipeline/vae).")
     if args.preview_decoder is not None and not os.path.isfile(os.path.join(args.preview_decoder, "config.json")):
         p.error(f"--preview_decoder {args.preview_decoder!r} is not a TAEHVDecoder folder (train_preview_decoder.py).")
     if args.metrics is not None:
@@ -120,6 +121,9 @@ def export(args) -> str:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         world_pipeline(vae, transformer, guidance_scale=args.guidance_scale).save_pretrained(tmp)
+        vae_record = os.path.join(args.vae, "metrics.json")  # how the VAE was trained and what it scores
+        if os.path.isfile(vae_record):
+            shutil.copy(vae_record, os.path.join(tmp, "vae", "metrics.json"))
         if args.preview_decoder is not None:
             TAEHVDecoder.from_pretrained(args.preview_decoder).save_pretrained(os.path.join(tmp, "preview_decoder"))
         if getattr(args, "metrics_data", None) is not None:

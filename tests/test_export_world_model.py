@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from diffusers import AutoencoderKLWan
 from safetensors import safe_open
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
@@ -22,13 +23,16 @@ from raven_video.world.stack import TEXT_DIM, world_pipeline  # noqa: E402
 def parts(tmp_path_factory):
     root = tmp_path_factory.mktemp("parts")
     world_pipeline(tiny_vae(), tiny_causal_transformer(text_dim=TEXT_DIM)).save_pretrained(root / "student")
+    tiny_vae(seed=1).save_pretrained(root / "vae")
+    (root / "vae" / "metrics.json").write_text(json.dumps({"evaluation": {"psnr_81_frames": 31.0}}))
     TAEHVDecoder(widths=(8, 8, 8, 8), space_strides=(1, 2, 2)).save_pretrained(root / "preview")
     (root / "eval.json").write_text(json.dumps({"student": {"1x": {"world_score": 0.5, "shape_accuracy": 0.25}}}))
     return root
 
 
 def _export(parts, out, *extra):
-    return export_world_model.main(["--student", str(parts / "student"), "--preview_decoder", str(parts / "preview"),
+    return export_world_model.main(["--student", str(parts / "student"), "--vae", str(parts / "vae"),
+                                    "--preview_decoder", str(parts / "preview"),
                                     "--metrics", str(parts / "eval.json"), "--output", str(out), *extra])
 
 
@@ -45,6 +49,9 @@ def test_export_writes_a_loadable_fp16_pipeline_with_its_preview_and_metrics(par
     preview = TAEHVDecoder.from_pretrained(str(out / "preview_decoder"))
     assert tuple(preview.config.space_strides) == (1, 2, 2)
     assert json.loads((out / "metrics.json").read_text())["student"]["1x"]["world_score"] == 0.5
+    assert json.loads((out / "vae" / "metrics.json").read_text())["evaluation"]["psnr_81_frames"] == 31.0
+    vae = AutoencoderKLWan.from_pretrained(str(parts / "vae")).state_dict()
+    assert all(torch.equal(value, vae[key]) for key, value in pipe.vae.state_dict().items())
     assert "shape 0.250" in (out / "README.md").read_text()
     assert not os.path.exists(str(out) + ".tmp")
     assert pipe.default_guidance_scale == 1.0

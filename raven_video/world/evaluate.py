@@ -135,9 +135,10 @@ def _noise(seeds, shape, device) -> torch.Tensor:
 @torch.no_grad()
 def student_videos(pipe, evalset: EvalSet, num_frames: int = TRAINING_FRAMES, batch_size: int = 16,
                    local_attn_size: int | None = None, sink_size: int | None = None,
-                   guidance_scale: float = 1.0) -> list[np.ndarray]:
+                   guidance_scale: float | None = None) -> list[np.ndarray]:
     """A causal few-step pipeline's videos (uint8) of the set's prompts, initial noise seeded by each seed;
-    ``guidance_scale`` > 1: the student's own CFG against the empty prompt (a negative branch per step)."""
+    ``guidance_scale`` > 1: the student's own CFG against the empty prompt (a negative branch per step); ``None``: the
+    pipeline's default (its config's ``guidance_scale``)."""
     device = pipe._execution_device
     latent_frames = pipe.latent_frames(num_frames)
     s = pipe.vae_scale_factor_spatial
