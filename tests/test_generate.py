@@ -10,11 +10,18 @@ from raven_video.testing import tiny_pipeline
 SMALL = ["--num_frames", "33", "--height", "32", "--width", "48"]
 
 
+@pytest.fixture(autouse=True)
+def no_shipped_model(monkeypatch):
+    """These tests drive the tiny random pipeline, the stand-in where an installation has no shipped world model
+    (tests/test_world_shipped.py covers the shipped default)."""
+    monkeypatch.setattr(generate, "shipped_model", lambda: None)
+
+
 def _frames(path):
     return iio.imread(path, plugin="pyav").shape
 
 
-def test_default_tiny_pipeline_writes_mp4s(tmp_path):
+def test_without_a_shipped_model_the_tiny_pipeline_writes_mp4s(tmp_path):
     out = tmp_path / "out"
     written = generate.main(["a cat walks", "a dog runs", "--output_dir", str(out), *SMALL])
     assert [p.split("/")[-1] for p in written] == ["000_a_cat_walks.mp4", "001_a_dog_runs.mp4"]
@@ -102,10 +109,11 @@ def _no_load(monkeypatch):
 @pytest.mark.parametrize("frames,hint", [("0", "use 9 or 21"), ("1", "use 9 or 21"), ("5", "use 9 or 21"),
                                          ("13", "use 9 or 21"), ("17", "use 9 or 21")])
 def test_frame_counts_that_do_not_fit_the_default_model(tmp_path, monkeypatch, frames, hint):
+    load_pipeline = generate.load_pipeline
     _no_load(monkeypatch)
     with pytest.raises(SystemExit, match=hint):
         generate.main(["a cat", "--num_frames", frames, "--output_dir", str(tmp_path)])
-    monkeypatch.undo()  # the hint's values do work
+    monkeypatch.setattr(generate, "load_pipeline", load_pipeline)  # the hint's values do work
     for good in hint.removeprefix("use ").split(" or "):
         assert generate.main(["a cat", "--num_frames", good, "--output_dir", str(tmp_path / good)])
 
