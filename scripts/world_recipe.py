@@ -33,12 +33,13 @@ import argparse
 import json
 import os
 import shlex
-import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from typing import Callable
+
+from raven_video.world.recipe import Deadline, script_command
+from raven_video.world.recipe import run as run_command
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ("vae", "base", "latents", "teacher", "ode_init", "raven", "cm_grpo", "evaluate")
@@ -70,13 +71,8 @@ class Context:
 
 def _script(ctx: Context, script: str, stage: str, *args: str) -> list[str]:
     """``python script`` (one process) or ``accelerate launch`` (several), with the stage's args file + extras."""
-    if ctx.num_processes > 1:
-        launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-                  "--num_processes", str(ctx.num_processes), "--num_machines", "1", "--dynamo_backend", "no",
-                  *(["--main_process_port", str(ctx.main_process_port)] if ctx.main_process_port else [])]
-    else:
-        launch = [sys.executable]
-    return [*launch, os.path.join(REPO, script), *ctx.args_file(stage), *args, *shlex.split(ctx.extra.get(stage, ""))]
+    return script_command(os.path.join(REPO, script), ctx.args_file(stage), *args, num_processes=ctx.num_processes,
+                          main_process_port=ctx.main_process_port, extra=ctx.extra.get(stage, ""))
 
 
 def _exported(folder: str) -> Callable[[Context], bool]:
@@ -157,35 +153,9 @@ DONE: dict[str, Callable[[Context], bool]] = {
 
 
 # ----------------------------------------------------------------------------------------------------- running
-class Deadline(Exception):
-    pass
-
-
 def run(command: list[str], log_path: str, deadline: float | None) -> float:
-    """Run one command with its output appended to ``log_path`` (and echoed); at the deadline the process group gets
-    SIGINT then SIGKILL, and :class:`Deadline` is raised (the stage resumes next time). Returns the wall time."""
-    os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    tic = time.monotonic()
-    with open(log_path, "a", encoding="utf-8") as log:
-        log.write(f"\n$ {shlex.join(command)}\n")
-        log.flush()
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        while proc.poll() is None:
-            if deadline is not None and time.monotonic() > deadline:
-                os.killpg(proc.pid, signal.SIGINT)
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
-                raise Deadline(f"deadline reached during {shlex.join(command[:3])}")
-            time.sleep(1.0)
-    if proc.returncode != 0:
-        with open(log_path, encoding="utf-8") as log:
-            tail = log.read()[-3000:]
-        raise RuntimeError(f"{shlex.join(command[:3])} failed with exit code {proc.returncode}; log {log_path}:\n{tail}")
-    return time.monotonic() - tic
+    """:func:`raven_video.world.recipe.run` from the repository root (the stage resumes after a :class:`Deadline`)."""
+    return run_command(command, log_path, deadline, cwd=REPO)
 
 
 def last_logs(folder: str) -> dict:
