@@ -1,0 +1,110 @@
+#!/usr/bin/env python
+"""Issue 13's grid on the video world: every history, chunk weighting and CM-GRPO variant over seeds, one run per GPU,
+resumable (``raven_video/world/grid.py``; how to run it: ``docs/world_grid.md``).
+
+    python scripts/world_grid.py --root runs/grid --ode_init runs/world/ode_init --teacher runs/world/teacher \\
+        --prompts runs/world/prompts/train.txt --latents runs/world/latents --gpus 0,1 --seeds 0,1,2 --dry_run
+    python scripts/world_grid.py ... --gpus 0,1,2,3 --deadline 240 --kill_after 570   # a 10-minute stretch
+    python scripts/world_report.py --root runs/grid --output docs/world_results.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from raven_video.world import grid
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _ints(p, flag: str, text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        p.error(f"{flag} {text!r}: give comma-separated integers, e.g. 0,1,2.")
+    if not values or len(set(values)) != len(values) or min(values) < 0:
+        p.error(f"{flag} {text!r}: give distinct non-negative integers, e.g. 0,1,2.")
+    return values
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", required=True, help="grid folder (created): runs/, eval/, logs/, grid.json")
+    p.add_argument("--ode_init", required=True, help="the ODE-initialised student (CausalWanPipeline folder)")
+    p.add_argument("--teacher", required=True, help="the teacher pipeline folder (train_raven.py --teacher_model)")
+    p.add_argument("--prompts", required=True, help="training prompt file (the recipe's <root>/prompts/train.txt)")
+    p.add_argument("--latents", default=None,
+                   help="latent dataset (the recipe's <root>/latents); needed by the teacher_forcing / "
+                        "diffusion_forcing histories")
+    p.add_argument("--gpus", default="0", help="comma-separated GPU indices, one run per GPU at a time")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
+    p.add_argument("--budget_seconds", default="raven=300,cm_grpo=150",
+                   help="training time per run (--max_train_time): seconds, or raven=S,cm_grpo=S")
+    p.add_argument("--deadline", type=float, default=None,
+                   help="seconds from now after which no run is launched (running ones end at their budget)")
+    p.add_argument("--kill_after", type=float, default=None,
+                   help="seconds from now at which running runs are interrupted (resumable; for fixed-length stretches)")
+    p.add_argument("--only", default=None, help=f"comma-separated groups of {','.join(grid.GROUPS)}")
+    p.add_argument("--config_dir", default=os.path.join(REPO, "configs", "world"),
+                   help="folder of raven.args / cm_grpo.args / evaluate.args")
+    p.add_argument("--dry_run", action="store_true", help="print every command and the estimate; launch nothing")
+    args = p.parse_args(argv)
+    args.gpu_list = [str(g) for g in _ints(p, "--gpus", args.gpus)]
+    args.seed_list = _ints(p, "--seeds", args.seeds)
+    try:
+        args.budgets = grid.parse_budgets(args.budget_seconds)
+    except ValueError as error:
+        p.error(str(error))
+    args.only_groups = None
+    if args.only is not None:
+        args.only_groups = [g.strip() for g in args.only.split(",") if g.strip()]
+        unknown = [g for g in args.only_groups if g not in grid.GROUPS]
+        if unknown or not args.only_groups:
+            p.error(f"--only {args.only!r}: choose from {','.join(grid.GROUPS)}.")
+    for name in ("deadline", "kill_after"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            p.error(f"--{name} {value} must be > 0 seconds.")
+    if not os.path.isdir(args.config_dir):
+        p.error(f"--config_dir {args.config_dir!r} is not a folder.")
+    if not args.dry_run:
+        for name in ("ode_init", "teacher"):
+            path = getattr(args, name)
+            if not os.path.isfile(os.path.join(path, "model_index.json")):
+                p.error(f"--{name} {path!r} is not a pipeline folder (no model_index.json).")
+        if not os.path.isfile(args.prompts):
+            p.error(f"--prompts {args.prompts!r} is not a file.")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    specs = grid.build_grid(args.seed_list, only=args.only_groups)
+    if grid.needs_latents(specs) and not args.dry_run and not (args.latents and os.path.isdir(args.latents)):
+        sys.exit(f"error: --latents {args.latents!r}: the teacher_forcing / diffusion_forcing runs need the latent "
+                 "dataset folder (or leave out the history group with --only).")
+    config = grid.GridConfig(root=os.path.abspath(args.root), ode_init=os.path.abspath(args.ode_init),
+                             teacher=os.path.abspath(args.teacher), prompts=os.path.abspath(args.prompts),
+                             latents=os.path.abspath(args.latents) if args.latents else None,
+                             config_dir=os.path.abspath(args.config_dir), budgets=args.budgets)
+    scheduler = grid.Scheduler(config, specs, args.gpu_list, deadline=args.deadline, kill_after=args.kill_after)
+    if args.dry_run:
+        plan = scheduler.dry_run()
+        counts: dict[str, int] = {}
+        for spec in specs:
+            for group, _ in spec.groups:
+                counts[group] = counts.get(group, 0) + 1
+        gpu_seconds = grid.estimate_gpu_seconds([spec for spec, _ in plan], args.budgets)
+        print(f"# {len(specs)} runs ({len(plan)} to do); per group (a shared run counts in each of its groups): "
+              + ", ".join(f"{g} {n}" for g, n in counts.items()))
+        print(f"# estimate: {gpu_seconds / 60:.0f} GPU-minutes (budget {args.budgets} + ~{grid.STARTUP_SECONDS_GUESS:.0f} s "
+              f"start-up + ~{grid.EVAL_SECONDS_GUESS:.0f} s evaluation per run, both guesses), about "
+              f"{gpu_seconds / 60 / len(args.gpu_list):.0f} minutes on {len(args.gpu_list)} GPU(s)")
+        return {"plan": [spec.name for spec, _ in plan], "gpu_seconds": gpu_seconds}
+    return scheduler.run()
+
+
+if __name__ == "__main__":
+    main()

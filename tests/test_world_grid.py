@@ -1,0 +1,240 @@
+"""Issue 13's grid (``raven_video/world/grid.py``) and its report (``raven_video/world/report.py``) on CPU: the grid as
+data, the scheduler with a fake launcher (GPU slots, the best-RAVEN dependency, resume, deadline, dry run) and the
+report on synthetic evaluations."""
+
+import importlib.util
+import io
+import json
+import os
+import re
+import threading
+import time
+
+import numpy as np
+import pytest
+from scipy.stats import ttest_ind
+
+from raven_video.training.rollout import HISTORY_MODES
+from raven_video.world import grid
+from raven_video.world import report as rp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEEDS = (0, 1, 2)
+
+
+def _config(tmp_path, **kw):
+    return grid.GridConfig(root=str(tmp_path / "grid"), ode_init="/ckpt/ode_init", teacher="/ckpt/teacher",
+                           prompts="/ckpt/train.txt", latents="/ckpt/latents", **kw)
+
+
+def _flag(command, name):
+    return command[command.index(name) + 1]
+
+
+# ----------------------------------------------------------------------------------------------------- the grid
+def test_grid_has_every_history_and_weighting_over_every_seed():
+    specs = grid.build_grid(SEEDS)
+    per_group = {}
+    for spec in specs:
+        for group, method in spec.groups:
+            per_group.setdefault(group, {}).setdefault(method, []).append(spec.seed)
+    assert set(per_group["history"]) == set(HISTORY_MODES)
+    assert set(per_group["chunk_weighting"]) == {"alpha=-1", "alpha=0", "alpha=+1", "ln_0_1"}
+    assert len(per_group["kernel"]) == 6 and len(per_group["reward"]) == 2 and len(per_group["start"]) == 2
+    for methods in per_group.values():
+        assert all(sorted(seeds) == list(SEEDS) for seeds in methods.values())
+    # shared rows run once: history raven == chunk alpha -1; consistency beta 0 world=1 serves three groups
+    assert len(specs) == 3 * (5 + 3 + 6 + 1 + 1) == 48
+    assert len({s.name for s in specs}) == len(specs)
+    raven = next(s for s in specs if s.method("history") == "raven")
+    assert raven.method("chunk_weighting") == "alpha=-1" and "--chunk_weighting=-1" in raven.flags
+    em = [s for s in specs if "--policy_kernel=euler_maruyama" in s.flags]
+    assert {(f for f in s.flags if f.startswith("--noise_level")).__next__() for s in em} == {
+        "--noise_level=0.4", "--noise_level=0.8"} and {f for s in em for f in s.flags if f.startswith("--beta")} == {
+        "--beta=0", "--beta=0.004"}
+    assert [s.start for s in specs if s.method("start") == "ODE init"] == ["ode_init"] * 3
+    # the best-RAVEN candidates are launched first
+    assert [s.method("history") for s in specs[:3]] == ["raven"] * 3
+    only = grid.build_grid(SEEDS, only=["kernel"])  # pulls in what best RAVEN needs
+    assert {s.start for s in only} == {"best_raven", "ode_init"} and len(only) == 3 * 6 + 3
+
+
+def test_commands_parse_with_each_script_and_carry_the_budget(tmp_path):
+    config = _config(tmp_path, config_dir=os.path.join(ROOT, "configs", "world"), budgets={"raven": 300, "cm_grpo": 150})
+    specs = grid.build_grid([0])
+    modules = {}
+    for spec in specs:
+        (kind, train), (_, evaluate) = grid.commands(config, spec, "/ckpt/start", train_seconds_used=100.0)
+        assert kind == "train" and _flag(train, "--max_train_time") == str(config.budgets[spec.stage] - 100)
+        assert _flag(train, "--seed") == "0" and train[-2:] == ["--resume_from_checkpoint", "latest"]
+        assert ("--latent_dataset" in train) == (spec.method("history") in ("teacher_forcing", "diffusion_forcing"))
+        assert _flag(evaluate, "--model") == config.export_dir(spec)
+        os.makedirs(config.export_dir(spec), exist_ok=True)  # evaluate_world.py checks that --model is a folder
+        for command in (train, evaluate):
+            script = next(part for part in command if part.endswith(".py"))
+            if script not in modules:
+                module_spec = importlib.util.spec_from_file_location(f"grid_{len(modules)}", script)
+                modules[script] = importlib.util.module_from_spec(module_spec)
+                module_spec.loader.exec_module(modules[script])
+            args = modules[script].parse_args(command[command.index(script) + 1:])
+            if command is train:
+                assert args.max_train_time == config.budgets[spec.stage] - 100 and args.seed == 0
+    assert grid.parse_budgets("raven=300,cm_grpo=150") == {"raven": 300.0, "cm_grpo": 150.0}
+    assert grid.parse_budgets("60") == {"raven": 60.0, "cm_grpo": 60.0}
+    for bad in ("raven=300", "x=1,raven=2,cm_grpo=3", "-5", "raven=a,cm_grpo=1"):
+        with pytest.raises(ValueError, match="--budget_seconds"):
+            grid.parse_budgets(bad)
+
+
+# ----------------------------------------------------------------------------------------------------- scheduler
+class FakeLauncher:
+    """Writes what a real run writes (export, eval JSON with a world score per method); records GPU use."""
+
+    def __init__(self, scores=None, sleep=0.01, interrupt=()):
+        self.scores, self.sleep, self.interrupt = scores or {}, sleep, set(interrupt)
+        self.lock, self.busy, self.calls, self.overlaps = threading.Lock(), set(), [], []
+
+    def __call__(self, command, log_path, env, kill_at):
+        gpu = env["CUDA_VISIBLE_DEVICES"]
+        with self.lock:
+            if gpu in self.busy:
+                self.overlaps.append(gpu)
+            self.busy.add(gpu)
+            self.calls.append((os.path.basename(log_path)[:-4], gpu, command, time.monotonic()))
+        time.sleep(self.sleep)
+        try:
+            name = os.path.basename(log_path)[:-4]
+            if name in self.interrupt:
+                self.interrupt.discard(name)
+                raise grid.Deadline("fake deadline")
+            if "--output_dir" in command:
+                out = _flag(command, "--output_dir")
+                export = os.path.join(out, "merged") if "train_cm_grpo.py" in " ".join(command) else out
+                os.makedirs(export, exist_ok=True)
+                open(os.path.join(export, "model_index.json"), "w").write("{}")
+            else:
+                score = self.scores.get(name, 0.5)
+                os.makedirs(os.path.dirname(_flag(command, "--output")), exist_ok=True)
+                json.dump({"student": {k: {"world_score": score} for k in ("1x", "2x", "4x")}},
+                          open(_flag(command, "--output"), "w"))
+        finally:
+            with self.lock:
+                self.busy.discard(gpu)
+
+
+def test_scheduler_slots_dependencies_and_best_raven(tmp_path):
+    config = _config(tmp_path)
+    specs = grid.build_grid([0, 1], only=["history", "start"])
+    scores = {"history-raven-s0": 0.7, "history-raven-s1": 0.8}
+    fake = FakeLauncher(scores)
+    state = grid.Scheduler(config, specs, ["0", "1", "2"], launcher=fake, log=lambda m: None).run()
+    assert fake.overlaps == [] and state["status"] == "complete"
+    assert {gpu for _, gpu, _, _ in fake.calls} == {"0", "1", "2"}
+    assert all(state["runs"][s.name]["status"] == "done" for s in specs)
+    assert state["best_raven"]["run"] == "history-raven-s0" and state["best_raven"]["mean"] == pytest.approx(0.75)
+    # every run from best RAVEN starts after the last raven-history evaluation, and from its seed-0 export
+    last_dependency = max(t for name, _, cmd, t in fake.calls if name.startswith("history-raven"))
+    best_names = {s.name for s in specs if s.start == "best_raven"}  # named after the first group of the shared row
+    assert len(best_names) == 2
+    from_best = [(cmd, t) for name, _, cmd, t in fake.calls if name in best_names and "--output_dir" in cmd]
+    assert len(from_best) == 2 and all(t >= last_dependency for _, t in from_best)
+    assert all(_flag(cmd, "--pretrained_model_name_or_path") == config.export_dir(specs[0]) for cmd, _ in from_best)
+    on_disk = json.load(open(os.path.join(config.root, grid.STATE_FILE)))
+    assert on_disk["runs"]["history-raven-s1"]["eval"].endswith("eval/history-raven-s1.json")
+    assert on_disk["runs"]["history-raven-s1"]["seconds"] > 0
+
+
+def test_resume_skips_finished_runs_and_resumes_interrupted_ones(tmp_path):
+    config = _config(tmp_path, budgets={"raven": 300.0, "cm_grpo": 150.0})
+    specs = grid.build_grid([0], only=["history"])
+    fake = FakeLauncher(interrupt={"history-raven-s0"}, sleep=0.05)
+    state = grid.Scheduler(config, specs, ["0"], launcher=fake, log=lambda m: None).run()
+    assert state["runs"]["history-raven-s0"]["status"] == "interrupted"
+    used = state["runs"]["history-raven-s0"]["train_seconds"]
+    assert used > 0
+    again = FakeLauncher()
+    state = grid.Scheduler(config, specs, ["0"], launcher=again, log=lambda m: None).run()
+    launched = [name for name, *_ in again.calls]
+    assert launched == ["history-raven-s0", "history-raven-s0"]  # train + evaluate; the other four were done
+    train = again.calls[0][2]
+    assert "--resume_from_checkpoint" in train and float(_flag(train, "--max_train_time")) == pytest.approx(300 - used, abs=1e-3)
+    assert state["status"] == "complete"
+    third = FakeLauncher()
+    grid.Scheduler(config, specs, ["0"], launcher=third, log=lambda m: None).run()
+    assert third.calls == []
+
+
+def test_deadline_stops_launching_and_dry_run_launches_nothing(tmp_path):
+    config = _config(tmp_path)
+    specs = grid.build_grid([0, 1, 2], only=["history"])
+    fake = FakeLauncher(sleep=0.3)
+    state = grid.Scheduler(config, specs, ["0", "1"], launcher=fake, deadline=0.1, log=lambda m: None).run()
+    started = {name for name, *_ in fake.calls}
+    assert len(started) == 2 and state["status"].startswith("deadline")
+    assert all(state["runs"][n]["status"] == "done" for n in started)  # launched runs finish
+    assert sum(e["status"] == "pending" for e in state["runs"].values()) == len(specs) - 2
+
+    dry_config = _config(tmp_path / "dry")
+    fake = FakeLauncher()
+    out = io.StringIO()
+    plan = grid.Scheduler(dry_config, grid.build_grid(SEEDS), ["0", "1"], launcher=fake).dry_run(out)
+    assert fake.calls == [] and not os.path.exists(dry_config.root) and len(plan) == 48
+    assert out.getvalue().count("CUDA_VISIBLE_DEVICES=<gpu>") == 96 and "<best_raven>" in out.getvalue()
+
+
+def test_cli_rejects_bad_input_before_any_launch(tmp_path):
+    module_spec = importlib.util.spec_from_file_location("world_grid", os.path.join(ROOT, "scripts", "world_grid.py"))
+    cli = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(cli)
+    base = ["--root", str(tmp_path), "--ode_init", str(tmp_path), "--teacher", str(tmp_path), "--prompts", "p.txt"]
+    for extra in (["--gpus", "0,x"], ["--gpus", "0,0"], ["--seeds", ""], ["--only", "nope"],
+                  ["--budget_seconds", "raven=1"], ["--deadline", "-1"], []):  # [] : --ode_init has no model_index.json
+        with pytest.raises(SystemExit):
+            cli.parse_args(base + extra)
+    assert cli.parse_args(base + ["--dry_run", "--gpus", "0,1", "--only", "kernel,reward"]).gpu_list == ["0", "1"]
+
+
+# ----------------------------------------------------------------------------------------------------- report
+def test_report_tables_tests_and_figures(tmp_path):
+    root = tmp_path / "grid"
+    rng = np.random.default_rng(0)
+    runs, values = {}, {}
+    for method, base in (("raven", 0.8), ("self_forcing", 0.6)):
+        for seed in SEEDS:
+            name = f"history-{method}-s{seed}"
+            out = root / "runs" / name
+            (out / "logs").mkdir(parents=True)
+            with open(out / "logs" / "metrics.jsonl", "w") as handle:
+                for step in range(1, 41):
+                    handle.write(json.dumps({"step": step, "dmd_loss": 1 / step, "critic_loss": 0.5}) + "\n")
+            score = {length: base - 0.05 * i + rng.normal(0, 0.02) for i, length in enumerate(("1x", "2x", "4x"))}
+            values.setdefault(method, []).append(score)
+            student = {length: {"world_score": s, "count_accuracy": s / 2,
+                                **{f"window{w}/world_score": s - 0.01 * w for w in range(1 + 3 * (length == "4x"))}}
+                       for length, s in score.items()}
+            (root / "eval").mkdir(exist_ok=True)
+            json.dump({"student": student}, open(root / "eval" / f"{name}.json", "w"))
+            runs[name] = {"groups": {"history": method}, "stage": "raven", "seed": seed, "status": "done",
+                          "seconds": 100.0 + seed, "train_seconds": 80.0, "eval": str(root / "eval" / f"{name}.json"),
+                          "output_dir": str(out)}
+    json.dump({"runs": runs}, open(root / grid.STATE_FILE, "w"))
+    output = tmp_path / "docs" / "world_results.md"
+    output.parent.mkdir()
+    text = rp.write_report(str(root), str(output))
+    raven = [v["4x"] for v in values["raven"]]
+    other = [v["4x"] for v in values["self_forcing"]]
+    row = next(line for line in text.split("### 4x")[1].splitlines() if line.startswith("| raven |"))
+    assert f"{np.mean(raven):.3f} ± {np.std(raven, ddof=1):.3f}" in row and "| 3 |" in row
+    count = [v["4x"] / 2 for v in values["raven"]]
+    assert f"{np.mean(count):.3f} ± {np.std(count, ddof=1):.3f}" in row
+    claim = next(line for line in text.splitlines() if line.startswith("| raven > self_forcing | 4x"))
+    p = ttest_ind(raven, other, equal_var=False).pvalue
+    assert f"{p:.3g}" in claim and "**holds**" in claim and p < 0.05
+    assert re.search(r"\*raven\* scores higher than \*self_forcing\* on world_score at 4x: \*\*holds\*\*", text)
+    # claims whose methods have no runs here are inconclusive, never asserted
+    assert "*raven* scores higher than *df_self_rollout* on world_score at 4x: **inconclusive**" in text
+    figures = tmp_path / "docs" / "world_results_figures"
+    for png in ("history_error_vs_time.png", "history_training_curves.png"):
+        assert (figures / png).stat().st_size > 1000 and f"world_results_figures/{png}" in text
+    assert "| raven | 3 | done | 101 ± 1 | 80 ± 0 |" in text
+    assert rp.verdict([0.1, 0.2], [0.5, 0.6], 0.01) == "does not hold"
