@@ -8,8 +8,9 @@ against its prompt; a small clip encoder gives a Fréchet distance.
 Modules: :mod:`.scene` (vocabulary, sampling, train/held-out split), :mod:`.captions` (grammar),
 :mod:`.render` (renderer, ground truth), :mod:`.data` (datasets), :mod:`.metrics` (detector, scores,
 Fréchet distance), :mod:`.features` (encoder), :mod:`.stack` (the small model stack), :mod:`.evaluate` (the
-report's protocol), :mod:`.recipe` (VAE -> teacher -> ODE init -> RAVEN -> CM-GRPO), :mod:`.shipped`
-(``pretrained()``, the default model). numpy-only modules are imported eagerly; ``metrics`` (scipy),
+report's protocol), :mod:`.recipe` (how ``scripts/world_recipe.py``, VAE -> teacher -> ODE init -> RAVEN -> CM-GRPO, launches its stages),
+:mod:`.grid` and :mod:`.report` (issue 13's experiment grid and its report), :mod:`.shipped` (``pretrained()``, the
+default model). numpy-only modules are imported eagerly; ``metrics`` (scipy),
 ``data`` and ``features`` (torch, datasets) load on first use of one of their names.
 """
 
