@@ -98,7 +98,10 @@ def _summary_metrics(state: dict) -> list[str]:
 
 # ----------------------------------------------------------------------------------------------------- figures
 def _plt():
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("the world report's figures need matplotlib: pip install 'raven-video[plots]'") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
