@@ -38,10 +38,24 @@ def parse_args(argv=None):
     p.add_argument("--latents", default=None,
                    help="latent dataset (the recipe's <root>/latents); needed by the teacher_forcing / "
                         "diffusion_forcing histories")
-    p.add_argument("--gpus", default="0", help="comma-separated GPU indices, one run per GPU at a time")
+    p.add_argument("--gpus", default="0", help="comma-separated GPU indices")
+    p.add_argument("--runs_per_gpu", type=int, default=1,
+                   help="runs sharing each GPU at a time (the world model leaves an H200 mostly idle: try 4-6)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
     p.add_argument("--budget_seconds", default="raven=300,cm_grpo=150",
-                   help="training time per run (--max_train_time): seconds, or raven=S,cm_grpo=S")
+                   help="training time per run (--max_train_time): seconds, or raven=S,cm_grpo=S; with "
+                        "--budget_steps only a cap")
+    p.add_argument("--budget_steps", default=None,
+                   help="optimizer steps per run (--max_train_steps), the same for every method: steps, or "
+                        "raven=N,cm_grpo=N (default: none, the time budget ends each run)")
+    p.add_argument("--extra", action="append", default=[], metavar="STAGE=FLAGS",
+                   help="more flags for every run of a stage, after its args file, e.g. 'raven=--train_batch_size 32' "
+                        "(repeatable; the grid's own flags, e.g. --history, still win)")
+    p.add_argument("--max_evals", type=int, default=None,
+                   help="evaluations running at once on the machine (they score on the CPU; the 2026-11-30 pilot with "
+                        "22 at once beside training hit a load average of 400); default: no limit")
+    p.add_argument("--eval_workers", type=int, default=None,
+                   help="evaluate_world.py --workers per evaluation (default: its own, up to 16)")
     p.add_argument("--deadline", type=float, default=None,
                    help="seconds from now after which no run is launched (running ones end at their budget)")
     p.add_argument("--kill_after", type=float, default=None,
@@ -55,8 +69,21 @@ def parse_args(argv=None):
     args.seed_list = _ints(p, "--seeds", args.seeds)
     try:
         args.budgets = grid.parse_budgets(args.budget_seconds)
+        args.steps = grid.parse_steps(args.budget_steps) if args.budget_steps is not None else None
     except ValueError as error:
         p.error(str(error))
+    args.extra_map = {}
+    for item in args.extra:
+        stage, sep, flags = item.partition("=")
+        if not sep or stage.strip() not in grid.SCRIPTS:
+            p.error(f"--extra {item!r}: write STAGE=FLAGS with STAGE one of {','.join(grid.SCRIPTS)}.")
+        args.extra_map[stage.strip()] = f"{args.extra_map.get(stage.strip(), '')} {flags}".strip()
+    if args.runs_per_gpu < 1:
+        p.error(f"--runs_per_gpu {args.runs_per_gpu} must be >= 1.")
+    if args.max_evals is not None and args.max_evals < 1:
+        p.error(f"--max_evals {args.max_evals} must be >= 1.")
+    if args.eval_workers is not None and args.eval_workers < 1:
+        p.error(f"--eval_workers {args.eval_workers} must be >= 1.")
     args.only_groups = None
     if args.only is not None:
         args.only_groups = [g.strip() for g in args.only.split(",") if g.strip()]
@@ -88,8 +115,10 @@ def main(argv=None) -> dict:
     config = grid.GridConfig(root=os.path.abspath(args.root), ode_init=os.path.abspath(args.ode_init),
                              teacher=os.path.abspath(args.teacher), prompts=os.path.abspath(args.prompts),
                              latents=os.path.abspath(args.latents) if args.latents else None,
-                             config_dir=os.path.abspath(args.config_dir), budgets=args.budgets)
-    scheduler = grid.Scheduler(config, specs, args.gpu_list, deadline=args.deadline, kill_after=args.kill_after)
+                             config_dir=os.path.abspath(args.config_dir), budgets=args.budgets, steps=args.steps,
+                             eval_workers=args.eval_workers, extra=args.extra_map)
+    scheduler = grid.Scheduler(config, specs, args.gpu_list, deadline=args.deadline, kill_after=args.kill_after,
+                               runs_per_gpu=args.runs_per_gpu, max_evals=args.max_evals)
     if args.dry_run:
         plan = scheduler.dry_run()
         counts: dict[str, int] = {}
@@ -99,9 +128,11 @@ def main(argv=None) -> dict:
         gpu_seconds = grid.estimate_gpu_seconds([spec for spec, _ in plan], args.budgets)
         print(f"# {len(specs)} runs ({len(plan)} to do); per group (a shared run counts in each of its groups): "
               + ", ".join(f"{g} {n}" for g, n in counts.items()))
-        print(f"# estimate: {gpu_seconds / 60:.0f} GPU-minutes (budget {args.budgets} + ~{grid.STARTUP_SECONDS_GUESS:.0f} s "
-              f"start-up + ~{grid.EVAL_SECONDS_GUESS:.0f} s evaluation per run, both guesses), about "
-              f"{gpu_seconds / 60 / len(args.gpu_list):.0f} minutes on {len(args.gpu_list)} GPU(s)")
+        print(f"# estimate: {gpu_seconds / 60:.0f} slot-minutes at most (budget {args.budgets}"
+              + (f", steps {args.steps}" if args.steps else "") + f" + ~{grid.STARTUP_SECONDS_GUESS:.0f} s start-up + "
+              f"~{grid.EVAL_SECONDS_GUESS:.0f} s evaluation per run, both guesses), about "
+              f"{gpu_seconds / 60 / (len(args.gpu_list) * args.runs_per_gpu):.0f} minutes on {len(args.gpu_list)} "
+              f"GPU(s) x {args.runs_per_gpu} run(s) each if sharing a GPU costs nothing")
         return {"plan": [spec.name for spec, _ in plan], "gpu_seconds": gpu_seconds}
     return scheduler.run()
 

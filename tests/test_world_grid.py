@@ -164,6 +164,52 @@ def test_resume_skips_finished_runs_and_resumes_interrupted_ones(tmp_path):
     assert third.calls == []
 
 
+def test_runs_share_gpus_and_step_budgets_are_the_same_for_every_method(tmp_path):
+    config = _config(tmp_path, budgets={"raven": 600.0, "cm_grpo": 300.0}, steps={"raven": 200, "cm_grpo": 40},
+                     eval_workers=3, extra={"raven": "--train_batch_size 32 --history=self_forcing"})
+    specs = grid.build_grid([0, 1, 2], only=["history"])
+    peak, lock = {}, threading.Lock()
+    inner = FakeLauncher(sleep=0.05)
+
+    def counting(command, log_path, env, kill_at):  # how many commands share each GPU (and evaluate) at once
+        keys = [env["CUDA_VISIBLE_DEVICES"]] + (["eval"] if "--output_dir" not in command else [])
+        with lock:
+            for key in keys:
+                peak.setdefault(key, [0, 0])
+                peak[key][0] += 1
+                peak[key][1] = max(peak[key])
+        try:
+            inner(command, log_path, {"CUDA_VISIBLE_DEVICES": keys[0]}, kill_at)
+        finally:
+            with lock:
+                for key in keys:
+                    peak[key][0] -= 1
+
+    state = grid.Scheduler(config, specs, ["0", "1"], launcher=counting, runs_per_gpu=3, max_evals=2,
+                           log=lambda m: None).run()
+    assert state["status"] == "complete" and peak["0"][1] == peak["1"][1] == 3  # 3 at once per GPU, never more
+    assert peak["eval"][1] == 2  # at most max_evals evaluations at once
+    assert {e["gpu"] for e in state["runs"].values()} <= {f"{g}/{k}" for g in "01" for k in range(3)}
+    trains = [cmd for _, _, cmd, _ in inner.calls if "--output_dir" in cmd]
+    assert len(trains) == len(specs) and {(_flag(c, "--max_train_steps"), _flag(c, "--max_train_time")) for c in trains} \
+        == {("200", "600")}
+    # extra flags land after the args file; the grid's own flags (the history) come later and win
+    assert all(_flag(c, "--train_batch_size") == "32" and c.index("--history=self_forcing") < max(
+        i for i, part in enumerate(c) if part.startswith("--history=")) for c in trains)
+    evals = [cmd for _, _, cmd, _ in inner.calls if "--output_dir" not in cmd]
+    assert {_flag(c, "--workers") for c in evals} == {"3"}
+    assert grid.parse_steps("raven=200,cm_grpo=40") == {"raven": 200, "cm_grpo": 40}
+    assert grid.parse_steps("50") == {"raven": 50, "cm_grpo": 50}
+    for bad in ("raven=200", "raven=2.5,cm_grpo=1", "0"):
+        with pytest.raises(ValueError, match="--budget_steps"):
+            grid.parse_steps(bad)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="runs_per_gpu"):
+            grid.Scheduler(config, specs, ["0"], launcher=counting, runs_per_gpu=bad)
+        with pytest.raises(ValueError, match="max_evals"):
+            grid.Scheduler(config, specs, ["0"], launcher=counting, max_evals=bad)
+
+
 def test_deadline_stops_launching_and_dry_run_launches_nothing(tmp_path):
     config = _config(tmp_path)
     specs = grid.build_grid([0, 1, 2], only=["history"])
@@ -188,10 +234,17 @@ def test_cli_rejects_bad_input_before_any_launch(tmp_path):
     module_spec.loader.exec_module(cli)
     base = ["--root", str(tmp_path), "--ode_init", str(tmp_path), "--teacher", str(tmp_path), "--prompts", "p.txt"]
     for extra in (["--gpus", "0,x"], ["--gpus", "0,0"], ["--seeds", ""], ["--only", "nope"],
-                  ["--budget_seconds", "raven=1"], ["--deadline", "-1"], []):  # [] : --ode_init has no model_index.json
+                  ["--budget_seconds", "raven=1"], ["--budget_steps", "x"], ["--runs_per_gpu", "0"],
+                  ["--eval_workers", "0"], ["--max_evals", "0"], ["--deadline", "-1"], []):  # [] : --ode_init has no model_index.json
         with pytest.raises(SystemExit):
             cli.parse_args(base + extra)
     assert cli.parse_args(base + ["--dry_run", "--gpus", "0,1", "--only", "kernel,reward"]).gpu_list == ["0", "1"]
+    args = cli.parse_args(base + ["--dry_run", "--budget_steps", "raven=150,cm_grpo=30", "--runs_per_gpu", "4",
+                                  "--extra", "raven=--train_batch_size 32", "--extra", "raven=--ttur 5"])
+    assert args.steps == {"raven": 150, "cm_grpo": 30} and args.runs_per_gpu == 4
+    assert args.extra_map == {"raven": "--train_batch_size 32 --ttur 5"}
+    with pytest.raises(SystemExit):
+        cli.parse_args(base + ["--dry_run", "--extra", "teacher=--x 1"])
 
 
 # ----------------------------------------------------------------------------------------------------- report
@@ -220,7 +273,8 @@ def test_report_tables_tests_and_figures(tmp_path):
     json.dump({"runs": runs}, open(root / grid.STATE_FILE, "w"))
     output = tmp_path / "docs" / "world_results.md"
     output.parent.mkdir()
-    text = rp.write_report(str(root), str(output))
+    text = rp.write_report(str(root), str(output), note="Pilot: **history** only.")
+    assert text.splitlines()[4] == "Pilot: **history** only."
     raven = [v["4x"] for v in values["raven"]]
     other = [v["4x"] for v in values["self_forcing"]]
     row = next(line for line in text.split("### 4x")[1].splitlines() if line.startswith("| raven |"))
@@ -231,10 +285,10 @@ def test_report_tables_tests_and_figures(tmp_path):
     p = ttest_ind(raven, other, equal_var=False).pvalue
     assert f"{p:.3g}" in claim and "**holds**" in claim and p < 0.05
     assert re.search(r"\*raven\* scores higher than \*self_forcing\* on world_score at 4x: \*\*holds\*\*", text)
-    # claims whose methods have no runs here are inconclusive, never asserted
-    assert "*raven* scores higher than *df_self_rollout* on world_score at 4x: **inconclusive**" in text
+    # claims whose methods have no runs here are not measured, never asserted
+    assert "*raven* scores higher than *df_self_rollout* on world_score at 4x: **not measured**" in text
     figures = tmp_path / "docs" / "world_results_figures"
     for png in ("history_error_vs_time.png", "history_training_curves.png"):
         assert (figures / png).stat().st_size > 1000 and f"world_results_figures/{png}" in text
-    assert "| raven | 3 | done | 101 ± 1 | 80 ± 0 |" in text
+    assert "| raven | 3 | done | 101 ± 1 | 80 ± 0 | 40 |" in text  # the steps each run's metrics.jsonl reached
     assert rp.verdict([0.1, 0.2], [0.5, 0.6], 0.01) == "does not hold"

@@ -1,6 +1,6 @@
 """Issue 13's experiment grid on the video world: every run as data, and a resumable scheduler over GPU slots.
 
-The grid (:data:`GRID_TABLE`, :data:`CLAIMS`) compares, from one ODE-initialised student and one time budget per run:
+The grid (:data:`GRID_TABLE`, :data:`CLAIMS`) compares, from one ODE-initialised student and one budget per run:
 
 ======================= ==============================================================================================
 ``history``             ``train_raven.py --history`` h for every history layout (RAVEN's is ``raven``)
@@ -16,7 +16,8 @@ and counts in both. "Best RAVEN" (:data:`BEST_RAVEN`) is the method of the ``rav
 with the highest mean held-out world score at 1x over seeds; the CM-GRPO runs that start from it wait for those runs and
 start from its seed-0 export (the lowest seed evaluated).
 
-Every run trains with ``--max_train_time`` = its budget (``--max_train_steps`` out of reach: the budget is time), then
+Every run trains for its budget: ``--max_train_steps`` = its step budget (``GridConfig.steps``, the same iterations for
+every method) with ``--max_train_time`` as a cap, or, without a step budget, for ``--max_train_time`` alone, then
 ``scripts/evaluate_world.py @evaluate.args`` scores its export on held-out prompts at 1x / 2x / 4x (window 21, sink 3).
 Layout under the grid root: ``runs/<name>/`` (training output), ``eval/<name>.json``, ``logs/<name>.log`` and
 ``grid.json`` (each run's status, wall time, training time, eval path; the best RAVEN run).
@@ -24,6 +25,7 @@ Layout under the grid root: ``runs/<name>/`` (training output), ``eval/<name>.js
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -41,7 +43,8 @@ from raven_video.world.recipe import Deadline, script_command
 from raven_video.world.recipe import run as run_command
 
 __all__ = ["GRID_TABLE", "CLAIMS", "BEST_RAVEN", "GROUPS", "Claim", "RunSpec", "GridConfig", "build_grid", "commands",
-           "finished", "resolve_best_raven", "Scheduler", "estimate_gpu_seconds", "STATE_FILE", "parse_budgets"]
+           "finished", "resolve_best_raven", "Scheduler", "estimate_gpu_seconds", "STATE_FILE", "parse_budgets",
+           "parse_steps"]
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STATE_FILE = "grid.json"
@@ -157,30 +160,39 @@ def build_grid(seeds: Iterable[int], only: Iterable[str] | None = None, table=GR
             for e in entries for seed in seeds]
 
 
-def parse_budgets(text: str) -> dict[str, float]:
-    """``--budget_seconds``: one number for every stage, or ``raven=300,cm_grpo=150``."""
+def _parse_stage_values(text: str, flag: str, unit: str, example: str, cast) -> dict:
+    """``flag``'s value: one number for every stage, or ``STAGE=VALUE`` pairs naming each stage of :data:`SCRIPTS`."""
     text = str(text).strip()
     try:
-        value = float(text)
-        budgets = dict.fromkeys(SCRIPTS, value)
+        values = dict.fromkeys(SCRIPTS, cast(text))
     except ValueError:
-        budgets = {}
+        values = {}
         for item in text.split(","):
-            stage, sep, seconds = item.partition("=")
+            stage, sep, value = item.partition("=")
             if not sep or stage.strip() not in SCRIPTS:
-                raise ValueError(f"--budget_seconds {text!r}: give seconds, or STAGE=SECONDS pairs with STAGE one of "
-                                 f"{','.join(SCRIPTS)} (e.g. raven=300,cm_grpo=150).") from None
+                raise ValueError(f"{flag} {text!r}: give {unit}, or STAGE=VALUE pairs with STAGE one of "
+                                 f"{','.join(SCRIPTS)} (e.g. {example}).") from None
             try:
-                budgets[stage.strip()] = float(seconds)
+                values[stage.strip()] = cast(value)
             except ValueError:
-                raise ValueError(f"--budget_seconds {text!r}: {seconds!r} is not a number of seconds.") from None
-        missing = [s for s in SCRIPTS if s not in budgets]
+                raise ValueError(f"{flag} {text!r}: {value!r} is not a number of {unit}.") from None
+        missing = [s for s in SCRIPTS if s not in values]
         if missing:
-            raise ValueError(f"--budget_seconds {text!r}: no budget for {','.join(missing)}.")
-    bad = {k: v for k, v in budgets.items() if not (v > 0 and math.isfinite(v))}
+            raise ValueError(f"{flag} {text!r}: no value for {','.join(missing)}.")
+    bad = {k: v for k, v in values.items() if not (v > 0 and math.isfinite(v))}
     if bad:
-        raise ValueError(f"--budget_seconds {text!r}: budgets must be > 0 seconds ({bad}).")
-    return budgets
+        raise ValueError(f"{flag} {text!r}: values must be > 0 {unit} ({bad}).")
+    return values
+
+
+def parse_budgets(text: str) -> dict[str, float]:
+    """``--budget_seconds``: one number for every stage, or ``raven=300,cm_grpo=150``."""
+    return _parse_stage_values(text, "--budget_seconds", "seconds", "raven=300,cm_grpo=150", float)
+
+
+def parse_steps(text: str) -> dict[str, int]:
+    """``--budget_steps``: optimizer steps per run (``--max_train_steps``), one number or ``raven=200,cm_grpo=40``."""
+    return _parse_stage_values(text, "--budget_steps", "steps", "raven=200,cm_grpo=40", int)
 
 
 # ----------------------------------------------------------------------------------------------------- commands
@@ -193,7 +205,13 @@ class GridConfig:
     latents: str | None = None
     config_dir: str = os.path.join(REPO, "configs", "world")
     budgets: dict = field(default_factory=lambda: {"raven": 300.0, "cm_grpo": 150.0})
+    #: optimizer steps per run and stage (``--budget_steps``): the same iterations for every method (issue 13's
+    #: "same budget"); ``budgets`` then only caps the time. None: the time budget ends every run.
+    steps: dict | None = None
     max_train_steps: int = 1_000_000  # out of reach: the time budget ends every run
+    eval_workers: int | None = None  # evaluate_world.py --workers (None: its default, up to 16 per evaluation)
+    #: more flags per stage, after the args file (later flags win), e.g. {"raven": "--train_batch_size 32"}
+    extra: dict = field(default_factory=dict)
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.root, *parts)
@@ -239,18 +257,22 @@ def commands(config: GridConfig, spec: RunSpec, start_path: str, train_seconds_u
     steps = []
     if not trained(config, spec):
         remaining = max(config.budgets[spec.stage] - train_seconds_used, 1.0)
+        max_steps = (config.steps or {}).get(spec.stage) or config.max_train_steps  # steps resume from checkpoints
         common = ["--pretrained_model_name_or_path", start_path, "--prompts", config.prompts,
                   "--output_dir", config.output_dir(spec), "--seed", str(spec.seed),
-                  "--max_train_time", f"{remaining:g}", "--max_train_steps", str(config.max_train_steps)]
+                  "--max_train_time", f"{remaining:g}", "--max_train_steps", str(max_steps)]
         if spec.stage == "raven":
             common += ["--teacher_model", config.teacher]
             if _history(spec) in DATA_HISTORY_MODES:
                 common += ["--latent_dataset", config.latents or "<latents>"]
-        train = script_command(os.path.join(REPO, spec.script), config.args_file(spec.stage), *common, *spec.flags,
+        train = script_command(os.path.join(REPO, spec.script), config.args_file(spec.stage), *common,
+                               *shlex.split(config.extra.get(spec.stage, "")), *spec.flags,
                                "--resume_from_checkpoint", "latest")
         steps.append(("train", train))
     evaluate = [sys.executable, os.path.join(REPO, "scripts", "evaluate_world.py"), *config.args_file("evaluate"),
                 "--model", config.export_dir(spec), "--output", config.eval_path(spec)]
+    if config.eval_workers is not None:
+        evaluate += ["--workers", str(config.eval_workers)]
     steps.append(("evaluate", evaluate))
     return steps
 
@@ -305,7 +327,8 @@ def estimate_gpu_seconds(specs: Iterable[RunSpec], budgets: dict) -> float:
 
 
 class Scheduler:
-    """Runs ``specs`` over the GPU slots ``gpus`` (one run per GPU at a time, ``CUDA_VISIBLE_DEVICES=<gpu>``).
+    """Runs ``specs`` over the GPUs ``gpus``, ``runs_per_gpu`` runs on each at a time (``CUDA_VISIBLE_DEVICES=<gpu>``;
+    the world model is so small that one run leaves an H200 mostly idle, waiting for kernel launches).
 
     Finished runs are skipped; the others (re)start with ``--resume_from_checkpoint latest``. Runs that start from
     best RAVEN wait until :func:`resolve_best_raven` names it. ``deadline`` (seconds from :meth:`run`): no run is
@@ -314,12 +337,21 @@ class Scheduler:
     tests); it raises :class:`~raven_video.world.recipe.Deadline` when interrupted."""
 
     def __init__(self, config: GridConfig, specs: list[RunSpec], gpus: list[str], launcher: Launcher | None = None,
-                 deadline: float | None = None, kill_after: float | None = None, log=None):
+                 deadline: float | None = None, kill_after: float | None = None, log=None, runs_per_gpu: int = 1,
+                 max_evals: int | None = None):
         if not gpus:
             raise ValueError("no GPU slots")
         if len(set(gpus)) != len(gpus):
             raise ValueError(f"GPU slots {gpus} repeat a GPU")
+        if isinstance(runs_per_gpu, bool) or not isinstance(runs_per_gpu, int) or runs_per_gpu < 1:
+            raise ValueError(f"runs_per_gpu {runs_per_gpu!r} must be a whole number >= 1")
+        if max_evals is not None and (isinstance(max_evals, bool) or not isinstance(max_evals, int) or max_evals < 1):
+            raise ValueError(f"max_evals {max_evals!r} must be a whole number >= 1 (or None: no limit)")
         self.config, self.specs, self.gpus = config, list(specs), [str(g) for g in gpus]
+        # evaluations score videos on the CPU: too many at once starve the training runs of their launch threads
+        self.eval_gate = threading.BoundedSemaphore(max_evals) if max_evals else None
+        # slot "<gpu>" (one run per GPU) or "<gpu>/<k>"; spread: the first run of every GPU before any second one
+        self.slots = [g if runs_per_gpu == 1 else f"{g}/{k}" for k in range(runs_per_gpu) for g in self.gpus]
         self.launcher = launcher or default_launcher
         self.deadline, self.kill_after = deadline, kill_after
         self.log = log or (lambda message: print(f"[grid] {message}", file=sys.stderr, flush=True))
@@ -390,25 +422,28 @@ class Scheduler:
         return plan
 
     # ------------------------------------------------------------------------------------------------ running
-    def _work(self, spec: RunSpec, gpu: str, start_path: str, kill_at: float | None, results: queue.Queue) -> None:
+    def _work(self, spec: RunSpec, slot: str, start_path: str, kill_at: float | None, results: queue.Queue) -> None:
         entry = self.state["runs"][spec.name]
+        gpu = slot.split("/")[0]
         outcome = "done"
         try:
             for kind, command in commands(self.config, spec, start_path, entry.get("train_seconds", 0.0)):
                 with self.lock:
                     entry["command_" + kind] = shlex.join(command)
                     self._save_locked()
-                tic = time.monotonic()
-                try:
-                    self.launcher(command, self.config.log_path(spec), {"CUDA_VISIBLE_DEVICES": gpu}, kill_at)
-                finally:
-                    with self.lock:
-                        elapsed = time.monotonic() - tic
-                        entry["seconds"] = entry.get("seconds", 0.0) + elapsed
-                        if kind == "train":
-                            entry["train_seconds"] = entry.get("train_seconds", 0.0) + elapsed
-                        else:
-                            entry["eval_seconds"] = entry.get("eval_seconds", 0.0) + elapsed
+                gate = self.eval_gate if kind == "evaluate" and self.eval_gate else contextlib.nullcontext()
+                with gate:
+                    tic = time.monotonic()
+                    try:
+                        self.launcher(command, self.config.log_path(spec), {"CUDA_VISIBLE_DEVICES": gpu}, kill_at)
+                    finally:
+                        with self.lock:
+                            elapsed = time.monotonic() - tic
+                            entry["seconds"] = entry.get("seconds", 0.0) + elapsed
+                            if kind == "train":
+                                entry["train_seconds"] = entry.get("train_seconds", 0.0) + elapsed
+                            else:
+                                entry["eval_seconds"] = entry.get("eval_seconds", 0.0) + elapsed
             if not finished(self.config, spec):
                 raise RuntimeError(f"{spec.name}: the commands ended but {self.config.export_dir(spec)} or "
                                    f"{self.config.eval_path(spec)} is missing")
@@ -416,7 +451,7 @@ class Scheduler:
             outcome, entry["error"] = "interrupted", str(stop)
         except Exception as error:  # noqa: BLE001 - recorded; the other runs go on
             outcome, entry["error"] = "failed", str(error)[-2000:]
-        results.put((gpu, spec, outcome))
+        results.put((slot, spec, outcome))
 
     def run(self) -> dict:
         """Launch, wait, record; returns the state (also in ``<root>/grid.json``)."""
@@ -429,7 +464,7 @@ class Scheduler:
         for spec in self.specs:
             if spec not in pending:
                 self.log(f"{spec.name}: done")
-        free, running, results = list(self.gpus), {}, queue.Queue()
+        free, running, results = list(self.slots), {}, queue.Queue()
         self.state["status"] = "running"
         while True:
             launching = deadline_at is None or time.monotonic() < deadline_at
@@ -438,23 +473,23 @@ class Scheduler:
                 if ready is None:
                     break
                 pending.remove(ready)
-                gpu = free.pop(0)
+                slot = free.pop(0)
                 with self.lock:
                     entry = self.state["runs"][ready.name]
-                    entry.update(status="running", gpu=gpu, error=None)
+                    entry.update(status="running", gpu=slot, error=None)
                     entry["attempts"] = entry.get("attempts", 0) + 1
                     self._save_locked()
-                self.log(f"{ready.name}: launched on GPU {gpu}")
-                worker = threading.Thread(target=self._work, args=(ready, gpu, self.start_path(ready), kill_at, results),
-                                          daemon=True)
-                running[gpu] = (ready, worker)
+                self.log(f"{ready.name}: launched on GPU {slot}")
+                worker = threading.Thread(target=self._work, args=(ready, slot, self.start_path(ready), kill_at,
+                                                                   results), daemon=True)
+                running[slot] = (ready, worker)
                 worker.start()
             if not running:
                 break
-            gpu, spec, outcome = results.get()
-            running.pop(gpu)[1].join()
-            free.append(gpu)
-            free.sort(key=self.gpus.index)
+            slot, spec, outcome = results.get()
+            running.pop(slot)[1].join()
+            free.append(slot)
+            free.sort(key=self.slots.index)
             with self.lock:
                 entry = self.state["runs"][spec.name]
                 entry["status"] = outcome
