@@ -17,7 +17,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", required=True, help="the grid folder (with grid.json)")
     p.add_argument("--output", required=True, help="markdown file to write; PNGs go to <stem>_figures/ beside it")
+    p.add_argument("--note", default=None, help="markdown file whose text goes under the title (what ran, what is missing)")
     args = p.parse_args(argv)
+    if args.note is not None and not os.path.isfile(args.note):
+        p.error(f"--note {args.note!r} is not a file.")
     if not os.path.isfile(os.path.join(args.root, STATE_FILE)):
         p.error(f"--root {args.root!r} has no {STATE_FILE}: run scripts/world_grid.py there first.")
     return args
@@ -26,7 +29,11 @@ def parse_args(argv=None):
 def main(argv=None) -> str:
     args = parse_args(argv)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    return write_report(args.root, args.output)
+    note = None
+    if args.note is not None:
+        with open(args.note, encoding="utf-8") as handle:
+            note = handle.read()
+    return write_report(args.root, args.output, note=note)
 
 
 if __name__ == "__main__":
