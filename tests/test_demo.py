@@ -190,6 +190,23 @@ def test_pause_resume_stop_ends_video_at_shown_frame(pipe):
         assert len(os.listdir(app.state.demo.videos_dir)) == 1
 
 
+def test_no_video_setting_streams_without_recording(pipe, monkeypatch):
+    from raven_video.utils import video_io
+
+    def no_encoder(*args, **kwargs):
+        raise AssertionError("an mp4 writer was opened with record_video=False")
+
+    monkeypatch.setattr(video_io, "AtomicVideoWriter", no_encoder)
+    app = make_app(pipe, record_video=False)
+    with TestClient(app) as http, http.websocket_connect("/ws") as ws:
+        client = Client(ws)
+        client.send(type="start", prompt="a cat walks", seed=0, length=33)
+        assert client.until("generated")["frames"] == 33
+        video = client.until("video")
+        assert video["frames"] == 33 and video["url"] is None and len(client.frames) == 33
+        assert os.listdir(app.state.demo.videos_dir) == []
+
+
 def test_generation_waits_for_the_page(pipe):
     """Backpressure: without acknowledgements the server stays `lead_chunks` chunks ahead and no further."""
     app = make_app(pipe, lead_chunks=1)
@@ -332,9 +349,10 @@ def test_main_falls_back_to_the_tiny_pipeline(monkeypatch, capsys, pipe):
     monkeypatch.setattr(generate, "shipped_model", lambda: None)
     monkeypatch.setattr(generate, "load_pipeline", lambda args: pipe if args.model is None else pytest.fail())
     monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kw: served.update(app=app, host=host, port=port))
-    demo.main(["--port", "7999", "--guidance_scale", "1.5"])
+    demo.main(["--port", "7999", "--guidance_scale", "1.5", "--no_video"])
     assert "no shipped world model in this installation yet" in capsys.readouterr().err
     assert served["port"] == 7999 and served["app"].state.demo.guidance_scale == 1.5
+    assert served["app"].state.demo.settings.record_video is False
     with pytest.raises(SystemExit, match="is not a folder"):
         demo.main(["--model", "/nonexistent/model"])
     with pytest.raises(SystemExit, match="--realtime needs a CUDA device"):

@@ -44,6 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=None, help="Multiple of 16 (None: the model's native width).")
     p.add_argument("--max_waiting", type=int, default=4,
                    help="Clients that may wait for the GPU while one streams; more are refused.")
+    p.add_argument("--no_video", action="store_true",
+                   help="Do not record the mp4 of what was shown (no encoding work, no download button).")
     p.add_argument("--revision", default=None, help="Hub revision for --model.")
     p.add_argument("--host", default="127.0.0.1", help="Interface to listen on (0.0.0.0: every interface).")
     p.add_argument("--port", type=int, default=7860, help="TCP port.")
@@ -98,7 +100,7 @@ def main(argv=None) -> None:
         pipe.enable_realtime()
         lookahead = 1  # the overlapped decode yields a chunk after the next one was started
     settings = DemoSettings(guidance_scale=args.guidance_scale, height=args.height, width=args.width,
-                            max_waiting=args.max_waiting, switch_lookahead=lookahead)
+                            max_waiting=args.max_waiting, switch_lookahead=lookahead, record_video=not args.no_video)
     name = args.model or folder or "tiny random pipeline"
     app = _create_app(pipeline=pipe, model=folder, settings=settings, model_name=name)
     logger.info(f"raven-demo: {name} on {pipe.device}; open http://{args.host}:{args.port}/")

@@ -70,6 +70,7 @@ class DemoSettings:
     ack_timeout_s: float = 30.0  # after generation: give up waiting for the page to show the rest
     jpeg_quality: int = 90
     switch_lookahead: int = 0  # 1 with an overlapped decode (enable_realtime): the sampler is one chunk ahead
+    record_video: bool = True  # False: no mp4 of what was shown (no encoding, no download button)
 
 
 class StreamLimits:
@@ -238,7 +239,9 @@ class GenerationJob:
         quality = demo.settings.jpeg_quality
         window = demo.limits.endless_window if self.endless else {}
         try:
-            with AtomicVideoWriter(self.video_path, fps=demo.fps) as writer:
+            recorder = (AtomicVideoWriter(self.video_path, fps=demo.fps) if demo.settings.record_video
+                        else _NoRecording())
+            with recorder as writer:
                 stream = demo.pipe.stream(
                     self.prompt, num_frames=self.num_frames, height=demo.height, width=demo.width,
                     guidance_scale=demo.guidance_scale,
@@ -288,8 +291,9 @@ class GenerationJob:
                     writer.append(frames)
                 if self.written == 0:
                     writer.abort()  # nothing was shown: no video
+            recorded = self.written and demo.settings.record_video
             self.emit({"type": "video", "frames": self.written, "fps": demo.fps,
-                       "url": f"/video/{os.path.basename(self.video_path)}" if self.written else None})
+                       "url": f"/video/{os.path.basename(self.video_path)}" if recorded else None})
         except _Cancelled:
             demo.count("cancelled")
         except Exception as err:  # noqa: BLE001 - reported to the page in one line; the traceback goes to the log
@@ -303,6 +307,22 @@ class GenerationJob:
             self.pending.clear()
             self.on_generated()
             self.emit({"type": "_finished"})
+
+
+class _NoRecording:
+    """The video writer's interface when ``DemoSettings.record_video`` is off: shown frames are dropped."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def append(self, frames) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
 
 
 # ----------------------------------------------------------------------------------------------------- the queue
