@@ -5,6 +5,7 @@ convolution, pointwise/reduction, copies), for the transformer-only run (``outpu
 (VAE decode included). A development tool; numbers go to BENCHMARKS.md only through ``stream.py``.
 
     python benchmarks/profile_stream.py --mode realtime
+    python benchmarks/profile_stream.py --mode realtime --model raven_video/world/weights/pipeline --first_chunk
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 import json
 import re
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -20,7 +22,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stream import build_pipeline, run_once  # noqa: E402
+from stream import build_pipeline, run_once, stream_inputs  # noqa: E402
 
 CATEGORIES = [
     ("attention", r"flash|fmha|attention|sdpa|cudnn.*(mha|sdpa)|sm90_.*(fprop|mha)|triton_tem_fused.*flex"),
@@ -63,9 +65,15 @@ def main():
     p.add_argument("--no_vae_fuse", action="store_true")
     p.add_argument("--no_cuda_graphs", action="store_true")
     p.add_argument("--top", type=int, default=30)
+    p.add_argument("--model", default=None, help="a CausalWanPipeline folder (as stream.py --model), native size")
+    p.add_argument("--prompt", default=None, help="encode this prompt inside every stream (as stream.py --prompt)")
+    p.add_argument("--first_chunk", action="store_true",
+                   help="also profile CPU and CUDA of a warm stream's first chunk alone (start to first frames)")
     args = p.parse_args()
-    args.tiny, args.num_frames, args.height, args.width, args.vae_dtype = False, 81, 480, 832, "bf16"
+    args.tiny, args.num_frames, args.vae_dtype = False, 81, "bf16"
+    args.local_attn_size = args.sink_size = None
     pipe = build_pipeline(args, "cuda", torch.bfloat16)
+    args.height, args.width = (pipe.config.height, pipe.config.width) if args.model else (480, 832)
     text = torch.randn(1, 512, pipe.transformer.config.text_dim, device="cuda", dtype=torch.bfloat16)
     if args.mode == "realtime":
         pipe.enable_realtime(vae_conv=args.vae_conv, vae_fuse=not args.no_vae_fuse,
@@ -79,8 +87,36 @@ def main():
             run_once(pipe, text, args, "cuda", output_type)
             torch.cuda.synchronize()
         result["dit_only" if output_type == "latent" else "full"] = kernel_table(prof, args.top)
-    result["vae_ops"] = vae_op_table(pipe.vae, args.top)
+    if args.first_chunk:
+        result["first_chunk"] = first_chunk_table(pipe, text, args, args.top)
+    if not args.model:
+        result["vae_ops"] = vae_op_table(pipe.vae, args.top)
     print(json.dumps(result))
+
+
+def first_chunk_table(pipe, text, args, top: int) -> dict:
+    """Wall time from a warm stream's start to its first chunk's frames, and the ops (self CPU and CUDA time) in it."""
+    def first():
+        stream = pipe.stream(**stream_inputs(args, text), num_frames=args.num_frames, height=args.height,
+                             width=args.width, generator=torch.Generator(device="cpu").manual_seed(0), output_type="np")
+        chunk = next(stream)
+        stream.close()
+        torch.cuda.synchronize()
+        return chunk
+
+    first()
+    tic = time.perf_counter()
+    first()
+    wall = time.perf_counter() - tic
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        first()
+    events = prof.key_averages()
+    by_cpu = sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]
+    by_cuda = sorted(events, key=lambda e: -e.self_device_time_total)[:top]
+    return {"wall_s": round(wall, 4),
+            "self_cpu": [{"op": e.key, "ms": round(e.self_cpu_time_total / 1000, 2), "calls": e.count} for e in by_cpu],
+            "self_cuda": [{"op": e.key, "ms": round(e.self_device_time_total / 1000, 2), "calls": e.count}
+                          for e in by_cuda]}
 
 
 def vae_op_table(vae, top: int) -> list:

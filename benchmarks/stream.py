@@ -10,12 +10,15 @@ Prints ONE JSON line: fps, first_chunk_latency_s, per_chunk_ms, dit_only_s, peak
     python benchmarks/stream.py --tiny           # CPU smoke test of the script itself
     python benchmarks/stream.py --mode realtime-selfattn-fa4 --devices cuda:0,cuda:1      # FA4, VAE on a 2nd GPU
     python benchmarks/stream.py --mode realtime --num_frames 961 --local_attn_size 21 --sink_size 3   # one minute
+    python benchmarks/stream.py --mode realtime --model raven_video/world/weights/pipeline \
+        --prompt "a red circle moves right quickly, on a black background"   # a trained folder, prompt encoded per stream
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import json
 import subprocess
 import time
@@ -29,6 +32,15 @@ def build_pipeline(args, device, dtype):
     from raven_video import CausalWanPipeline, CausalWanTransformer3DModel
     from raven_video.testing import tiny_causal_transformer, tiny_vae
 
+    if args.model:  # a trained pipeline folder (e.g. the shipped world model), transformer and text encoder in dtype
+        pipe = CausalWanPipeline.from_pretrained(args.model)
+        pipe.transformer.to(device=device, dtype=dtype).eval()
+        if pipe.text_encoder is not None:
+            pipe.text_encoder.to(device=device, dtype=dtype)
+        pipe.vae.to(device=device, dtype=torch.bfloat16 if args.vae_dtype == "bf16" and device == "cuda" else torch.float32)
+        pipe.vae.eval()
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
     if args.tiny:
         transformer, vae = tiny_causal_transformer(), tiny_vae()
     else:
@@ -52,12 +64,18 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def stream_inputs(args, text) -> dict:
+    """``--prompt``: the text encoded inside each stream (as generate.py and raven-demo), the model's own guidance;
+    else the random ``prompt_embeds``, unguided (the prompt encoded beforehand)."""
+    return {"prompt": args.prompt} if args.prompt else {"prompt_embeds": text, "guidance_scale": 1.0}
+
+
 def run_once(pipe, text, args, device, output_type):
     """One streamed generation; per-chunk wall times measured at the moment each chunk's frames exist."""
     sync(device)
     tic = time.perf_counter()
     marks = []
-    for chunk in pipe.stream(prompt_embeds=text, num_frames=args.num_frames, height=args.height, width=args.width,
+    for chunk in pipe.stream(**stream_inputs(args, text), num_frames=args.num_frames, height=args.height, width=args.width,
                              generator=torch.Generator(device="cpu").manual_seed(0), output_type=output_type,
                              local_attn_size=args.local_attn_size, sink_size=args.sink_size):
         sync(device)
@@ -70,9 +88,15 @@ def run_once(pipe, text, args, device, output_type):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--tiny", action="store_true", help="tiny random model on CPU (checks the script only)")
+    p.add_argument("--model", default=None,
+                   help="a CausalWanPipeline folder (e.g. raven_video/world/weights/pipeline) instead of the random "
+                        "Wan-size model; its native size unless --height/--width")
+    p.add_argument("--prompt", default=None,
+                   help="encode this prompt inside every stream, with the model's own guidance (as generate.py and "
+                        "raven-demo do); default: random prompt_embeds, unguided (the prompt encoded beforehand)")
     p.add_argument("--num_frames", type=int, default=81)
-    p.add_argument("--height", type=int, default=480)
-    p.add_argument("--width", type=int, default=832)
+    p.add_argument("--height", type=int, default=None, help="default: 480, or the --model's native height")
+    p.add_argument("--width", type=int, default=None, help="default: 832, or the --model's native width")
     p.add_argument("--vae_dtype", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--mode", default="eager",
@@ -94,12 +118,20 @@ def main():
     devices = tuple(args.devices.split(",")) if args.devices else None
     if args.mode == "eager" and (devices or args.fp8 or args.preview_decoder):
         p.error("--devices / --fp8 / --preview_decoder need a realtime mode (they are enable_realtime options).")
+    if args.tiny and args.model:
+        p.error("--tiny and --model exclude each other.")
+    if args.model and not os.path.isfile(os.path.join(args.model, "model_index.json")):
+        p.error(f"--model {args.model!r} is not a CausalWanPipeline folder (no model_index.json).")
     if args.tiny:
         args.num_frames, args.height, args.width, args.repeats = 33, 64, 96, 1
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(0)
     pipe = build_pipeline(args, device, dtype)
+    if args.prompt and pipe.text_encoder is None:
+        p.error("--prompt needs a pipeline with a text encoder (--model FOLDER); the random model has none.")
+    args.height = args.height or (pipe.config.height if args.model else 480)
+    args.width = args.width or (pipe.config.width if args.model else 832)
     text_dim = pipe.transformer.config.text_dim
     text = torch.randn(1, 512, text_dim, device=device, dtype=dtype)
 
@@ -107,7 +139,7 @@ def main():
     if args.mode != "eager":
         # reference output of the eager path, for the equality check of the optimised path
         eager_latents = torch.cat([c.latents for c in pipe.stream(
-            prompt_embeds=text, num_frames=args.num_frames, height=args.height, width=args.width,
+            **stream_inputs(args, text), num_frames=args.num_frames, height=args.height, width=args.width,
             generator=torch.Generator(device="cpu").manual_seed(0), output_type="latent",
             local_attn_size=args.local_attn_size, sink_size=args.sink_size)], dim=2)
         kwargs = {"mode": args.compile_mode} if args.compile_mode else {}
@@ -144,7 +176,7 @@ def main():
     max_diff = mean_diff = None
     if eager_latents is not None:
         fast = torch.cat([c.latents for c in pipe.stream(
-            prompt_embeds=text, num_frames=args.num_frames, height=args.height, width=args.width,
+            **stream_inputs(args, text), num_frames=args.num_frames, height=args.height, width=args.width,
             generator=torch.Generator(device="cpu").manual_seed(0), output_type="latent",
             local_attn_size=args.local_attn_size, sink_size=args.sink_size)], dim=2)
         max_diff = (fast - eager_latents).abs().max().item()
@@ -170,6 +202,8 @@ def main():
         "gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "torch": torch.__version__,
         "commit": commit or None,
+        "model": args.model,
+        "prompt_encoded_in_stream": bool(args.prompt),
         "num_frames": args.num_frames,
         "resolution": f"{args.height}x{args.width}",
         "vae_dtype": args.vae_dtype,
