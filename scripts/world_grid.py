@@ -15,6 +15,7 @@ import os
 import sys
 
 from raven_video.world import grid
+from raven_video.world.recipe import parse_extras
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -72,12 +73,10 @@ def parse_args(argv=None):
         args.steps = grid.parse_steps(args.budget_steps) if args.budget_steps is not None else None
     except ValueError as error:
         p.error(str(error))
-    args.extra_map = {}
-    for item in args.extra:
-        stage, sep, flags = item.partition("=")
-        if not sep or stage.strip() not in grid.SCRIPTS:
-            p.error(f"--extra {item!r}: write STAGE=FLAGS with STAGE one of {','.join(grid.SCRIPTS)}.")
-        args.extra_map[stage.strip()] = f"{args.extra_map.get(stage.strip(), '')} {flags}".strip()
+    try:
+        args.extra_map = parse_extras(args.extra, tuple(grid.SCRIPTS))
+    except ValueError as error:
+        p.error(str(error))
     if args.runs_per_gpu < 1:
         p.error(f"--runs_per_gpu {args.runs_per_gpu} must be >= 1.")
     if args.max_evals is not None and args.max_evals < 1:

@@ -38,7 +38,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from raven_video.world.recipe import Deadline, script_command
+from raven_video.world.recipe import Deadline, parse_extras, script_command
 from raven_video.world.recipe import run as run_command
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -219,13 +219,10 @@ def parse_args(argv=None):
     if unknown:
         p.error(f"--stages {unknown}: choose from {','.join(STAGES)}.")
     args.stages = stages
-    extra = {}
-    for item in args.extra:
-        stage, sep, flags = item.partition("=")
-        if not sep or stage not in STAGES:
-            p.error(f"--extra {item!r}: write STAGE=FLAGS with STAGE one of {','.join(STAGES)}.")
-        extra[stage] = f"{extra.get(stage, '')} {flags}".strip()
-    args.extra_map = extra
+    try:
+        args.extra_map = parse_extras(args.extra, STAGES)
+    except ValueError as error:
+        p.error(str(error))
     if args.vae is not None and not os.path.isfile(os.path.join(args.vae, "config.json")):
         p.error(f"--vae {args.vae!r} is not an AutoencoderKLWan folder (no config.json).")
     if args.num_processes < 1:

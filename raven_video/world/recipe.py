@@ -1,5 +1,5 @@
 """How the world recipe and the experiment grid launch a training or evaluation script (``scripts/world_recipe.py``,
-:mod:`raven_video.world.grid`): one home for the launch command and for running it under a wall-clock deadline."""
+:mod:`raven_video.world.grid`): one home for the launch command, its ``--extra`` flags and for running it under a wall-clock deadline."""
 
 from __future__ import annotations
 
@@ -10,11 +10,24 @@ import subprocess
 import sys
 import time
 
-__all__ = ["Deadline", "script_command", "run"]
+__all__ = ["Deadline", "parse_extras", "script_command", "run"]
 
 
 class Deadline(Exception):
     """The wall-clock deadline passed while a command ran; the command was interrupted (its checkpoints intact)."""
+
+
+def parse_extras(items, stages) -> dict[str, str]:
+    """``--extra STAGE=FLAGS`` values (repeatable) -> ``{stage: "flags ..."}``, flags of one stage joined in order;
+    ``ValueError`` naming the item for a stage outside ``stages``."""
+    extra: dict[str, str] = {}
+    for item in items:
+        stage, sep, flags = item.partition("=")
+        stage = stage.strip()
+        if not sep or stage not in stages:
+            raise ValueError(f"--extra {item!r}: write STAGE=FLAGS with STAGE one of {','.join(stages)}.")
+        extra[stage] = f"{extra.get(stage, '')} {flags}".strip()
+    return extra
 
 
 def script_command(script: str, args_files: list[str], *args: str, num_processes: int = 1,
