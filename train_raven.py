@@ -85,6 +85,10 @@ def parse_args(input_args=None):
     p.add_argument("--latent_dataset", type=str, default=None,
                    help="Folder of precomputed latents + prompts (scripts/precompute_latents.py); needed by "
                         "--history teacher_forcing/diffusion_forcing, and then also the prompt source.")
+    p.add_argument("--latents_in_memory", action="store_true",
+                   help="With a data history (teacher_forcing, diffusion_forcing): read every latent of "
+                        "--latent_dataset onto the training device once, instead of opening its shards for each "
+                        "batch (small datasets such as the world's); ignored by the other histories.")
     p.add_argument("--num_frames", type=int, default=81)
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--width", type=int, default=832)
@@ -281,6 +285,11 @@ def main(input_args=None):
     weight_dtype = mixed_precision_dtype(accelerator)
     stream = PromptStream(keys, seed=args.seed, rank=accelerator.process_index, world_size=accelerator.num_processes)
     resume_path = resolve_resume(args)
+    memory = None  # --latents_in_memory: the dataset's float16 latents on the device, indexed by key
+    if args.latents_in_memory and dataset is not None and args.history in DATA_HISTORY_MODES:
+        memory = dataset.all_latents().to(accelerator.device)
+        logger.info("%d latents in %s memory (%.1f MB)", len(dataset), accelerator.device.type,
+                    memory.numel() * memory.element_size() / 2**20)
 
     # --- models
     pipe, critic, teacher = load_models(args, weight_dtype)
@@ -349,7 +358,9 @@ def main(input_args=None):
         keys_now = stream.take(args.train_batch_size)
         prompts = [dataset.prompt(k) for k in keys_now] if dataset is not None else keys_now
         data_latents = None
-        if dataset is not None and args.history in DATA_HISTORY_MODES:
+        if memory is not None:
+            data_latents = memory[torch.tensor([int(k) for k in keys_now], device=memory.device)].float()
+        elif dataset is not None and args.history in DATA_HISTORY_MODES:
             data_latents = torch.stack([dataset.latents(k) for k in keys_now]).to(accelerator.device)
         text = encode(prompts)
         # per-iteration, per-rank seed (Alg. 1): a resumed run replays the same draws

@@ -152,6 +152,15 @@ def test_precompute_latents_then_teacher_forcing(tmp_path, prompts):
     logs = _run(tmp_path / "run", prompts, "--latent_dataset", str(out), "--history", "teacher_forcing",
                 "--max_train_steps", "2")
     assert math.isfinite(logs["dmd_loss"])
+    # --latents_in_memory reads the same float16 latents once: the same training, bit for bit
+    in_memory = _run(tmp_path / "memory", prompts, "--latent_dataset", str(out), "--history", "teacher_forcing",
+                     "--max_train_steps", "2", "--latents_in_memory")
+    assert {k: v for k, v in in_memory.items() if not k.startswith("time")} == \
+        {k: v for k, v in logs.items() if not k.startswith("time")}
+    exported = [load_file(str(tmp_path / run / "transformer" / "diffusion_pytorch_model.safetensors"))
+                for run in ("run", "memory")]
+    assert exported[0].keys() == exported[1].keys()
+    assert all(torch.equal(exported[0][k], exported[1][k]) for k in exported[0])
 
 
 def test_bad_input_is_one_line_without_traceback(tmp_path):
