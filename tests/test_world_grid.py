@@ -96,10 +96,11 @@ class FakeLauncher:
 
     def __call__(self, command, log_path, env, kill_at):
         gpu = env["CUDA_VISIBLE_DEVICES"]
+        busy = (gpu, "--output_dir" in command)  # two trainings on one slot GPU are an overlap; an evaluation is not
         with self.lock:
-            if gpu in self.busy:
+            if busy in self.busy:
                 self.overlaps.append(gpu)
-            self.busy.add(gpu)
+            self.busy.add(busy)
             self.calls.append((os.path.basename(log_path)[:-4], gpu, command, time.monotonic()))
         time.sleep(self.sleep)
         try:
@@ -119,7 +120,7 @@ class FakeLauncher:
                           open(_flag(command, "--output"), "w"))
         finally:
             with self.lock:
-                self.busy.discard(gpu)
+                self.busy.discard(busy)
 
 
 def test_scheduler_slots_dependencies_and_best_raven(tmp_path):
@@ -168,27 +169,31 @@ def test_runs_share_gpus_and_step_budgets_are_the_same_for_every_method(tmp_path
     config = _config(tmp_path, budgets={"raven": 600.0, "cm_grpo": 300.0}, steps={"raven": 200, "cm_grpo": 40},
                      eval_workers=3, extra={"raven": "--train_batch_size 32 --history=self_forcing"})
     specs = grid.build_grid([0, 1, 2], only=["history"])
-    peak, lock = {}, threading.Lock()
-    inner = FakeLauncher(sleep=0.05)
+    peak, lock, intervals = {}, threading.Lock(), []
+    inner = FakeLauncher(sleep=0.2)  # margin: a new training starts ~0.2 s before the first evaluation can end
 
-    def counting(command, log_path, env, kill_at):  # how many commands share each GPU (and evaluate) at once
-        keys = [env["CUDA_VISIBLE_DEVICES"]] + (["eval"] if "--output_dir" not in command else [])
+    def counting(command, log_path, env, kill_at):  # how many runs train on each GPU, and evaluate, at once
+        training = "--output_dir" in command
+        key = env["CUDA_VISIBLE_DEVICES"] if training else "eval"
         with lock:
-            for key in keys:
-                peak.setdefault(key, [0, 0])
-                peak[key][0] += 1
-                peak[key][1] = max(peak[key])
+            peak.setdefault(key, [0, 0])
+            peak[key][0] += 1
+            peak[key][1] = max(peak[key])
+        tic = time.monotonic()
         try:
-            inner(command, log_path, {"CUDA_VISIBLE_DEVICES": keys[0]}, kill_at)
+            inner(command, log_path, env, kill_at)
         finally:
             with lock:
-                for key in keys:
-                    peak[key][0] -= 1
+                peak[key][0] -= 1
+                intervals.append((training, tic, time.monotonic()))
 
     state = grid.Scheduler(config, specs, ["0", "1"], launcher=counting, runs_per_gpu=3, max_evals=2,
                            log=lambda m: None).run()
-    assert state["status"] == "complete" and peak["0"][1] == peak["1"][1] == 3  # 3 at once per GPU, never more
+    assert state["status"] == "complete" and peak["0"][1] == peak["1"][1] == 3  # 3 trainings per GPU, never more
     assert peak["eval"][1] == 2  # at most max_evals evaluations at once
+    # a run hands its slot back when its training ends: the 7th training starts before any evaluation has ended
+    trainings = sorted(t for is_train, t, _ in intervals if is_train)
+    assert len(trainings) == len(specs) and trainings[6] < min(e for is_train, _, e in intervals if not is_train)
     assert {e["gpu"] for e in state["runs"].values()} <= {f"{g}/{k}" for g in "01" for k in range(3)}
     trains = [cmd for _, _, cmd, _ in inner.calls if "--output_dir" in cmd]
     assert len(trains) == len(specs) and {(_flag(c, "--max_train_steps"), _flag(c, "--max_train_time")) for c in trains} \

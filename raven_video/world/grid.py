@@ -423,11 +423,17 @@ class Scheduler:
 
     # ------------------------------------------------------------------------------------------------ running
     def _work(self, spec: RunSpec, slot: str, start_path: str, kill_at: float | None, results: queue.Queue) -> None:
+        """Train then evaluate ``spec``. The GPU slot is handed back (``("free", slot)``) as soon as training ends, so
+        the next run trains while this one waits for an evaluation slot; ``("done", slot, spec, outcome, freed)``
+        last."""
         entry = self.state["runs"][spec.name]
         gpu = slot.split("/")[0]
-        outcome = "done"
+        outcome, freed = "done", False
         try:
             for kind, command in commands(self.config, spec, start_path, entry.get("train_seconds", 0.0)):
+                if kind == "evaluate" and not freed:
+                    results.put(("free", slot))
+                    freed = True
                 with self.lock:
                     entry["command_" + kind] = shlex.join(command)
                     self._save_locked()
@@ -451,7 +457,7 @@ class Scheduler:
             outcome, entry["error"] = "interrupted", str(stop)
         except Exception as error:  # noqa: BLE001 - recorded; the other runs go on
             outcome, entry["error"] = "failed", str(error)[-2000:]
-        results.put((slot, spec, outcome))
+        results.put(("done", slot, spec, outcome, freed))
 
     def run(self) -> dict:
         """Launch, wait, record; returns the state (also in ``<root>/grid.json``)."""
@@ -482,14 +488,20 @@ class Scheduler:
                 self.log(f"{ready.name}: launched on GPU {slot}")
                 worker = threading.Thread(target=self._work, args=(ready, slot, self.start_path(ready), kill_at,
                                                                    results), daemon=True)
-                running[slot] = (ready, worker)
+                running[ready.name] = worker
                 worker.start()
             if not running:
                 break
-            slot, spec, outcome = results.get()
-            running.pop(slot)[1].join()
-            free.append(slot)
-            free.sort(key=self.slots.index)
+            message = results.get()
+            if message[0] == "free":  # training ended: the slot takes the next run while this one evaluates
+                free.append(message[1])
+                free.sort(key=self.slots.index)
+                continue
+            _, slot, spec, outcome, freed = message
+            running.pop(spec.name).join()
+            if not freed:
+                free.append(slot)
+                free.sort(key=self.slots.index)
             with self.lock:
                 entry = self.state["runs"][spec.name]
                 entry["status"] = outcome
