@@ -41,7 +41,8 @@ def parse_args(argv=None):
                         "diffusion_forcing histories")
     p.add_argument("--gpus", default="0", help="comma-separated GPU indices")
     p.add_argument("--runs_per_gpu", type=int, default=1,
-                   help="runs sharing each GPU at a time (the world model leaves an H200 mostly idle: try 4-6)")
+                   help="runs training on each GPU at a time (the world model leaves an H200 mostly idle; at most 8 per "
+                        "H200: each run holds 7-14 GB, docs/world_grid.md)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
     p.add_argument("--budget_seconds", default="raven=300,cm_grpo=150",
                    help="training time per run (--max_train_time): seconds, or raven=S,cm_grpo=S; with "
