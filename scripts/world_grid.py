@@ -34,7 +34,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", required=True, help="grid folder (created): runs/, eval/, logs/, grid.json")
     p.add_argument("--ode_init", required=True, help="the ODE-initialised student (CausalWanPipeline folder)")
-    p.add_argument("--teacher", required=True, help="the teacher pipeline folder (train_raven.py --teacher_model)")
+    p.add_argument("--teacher", default=None,
+                   help="the teacher pipeline folder (train_raven.py --teacher_model); needed when the grid has RAVEN runs")
     p.add_argument("--prompts", required=True, help="training prompt file (the recipe's <root>/prompts/train.txt)")
     p.add_argument("--latents", default=None,
                    help="latent dataset (the recipe's <root>/latents); needed by the teacher_forcing / "
@@ -56,12 +57,20 @@ def parse_args(argv=None):
     p.add_argument("--max_evals", type=int, default=None,
                    help="evaluations running at once on the machine (they score on the CPU; the 2026-11-30 pilot with "
                         "22 at once beside training hit a load average of 400); default: no limit")
+    p.add_argument("--threads_per_run", type=int, default=None,
+                   help="CPU threads (OMP_NUM_THREADS, MKL_NUM_THREADS) per launched run and evaluation: many torch "
+                        "processes on one host oversubscribe the CPUs (16 runs x 32 threads ran 3-6x slower on a "
+                        "32-core H200 host); default: CPUs // (GPUs x runs_per_gpu + max_evals), or an "
+                        "OMP_NUM_THREADS already set")
     p.add_argument("--eval_workers", type=int, default=None,
                    help="evaluate_world.py --workers per evaluation (default: its own, up to 16)")
     p.add_argument("--deadline", type=float, default=None,
                    help="seconds from now after which no run is launched (running ones end at their budget)")
     p.add_argument("--kill_after", type=float, default=None,
                    help="seconds from now at which running runs are interrupted (resumable; for fixed-length stretches)")
+    p.add_argument("--best_raven", default=None,
+                   help="pipeline folder the CM-GRPO runs start from (e.g. the best history-raven export carried over "
+                        "from an earlier session); default: resolved from the grid's own raven-history runs")
     p.add_argument("--only", default=None, help=f"comma-separated groups of {','.join(grid.GROUPS)}")
     p.add_argument("--config_dir", default=os.path.join(REPO, "configs", "world"),
                    help="folder of raven.args / cm_grpo.args / evaluate.args")
@@ -82,6 +91,8 @@ def parse_args(argv=None):
         p.error(f"--runs_per_gpu {args.runs_per_gpu} must be >= 1.")
     if args.max_evals is not None and args.max_evals < 1:
         p.error(f"--max_evals {args.max_evals} must be >= 1.")
+    if args.threads_per_run is not None and args.threads_per_run < 1:
+        p.error(f"--threads_per_run {args.threads_per_run} must be >= 1.")
     if args.eval_workers is not None and args.eval_workers < 1:
         p.error(f"--eval_workers {args.eval_workers} must be >= 1.")
     args.only_groups = None
@@ -96,9 +107,13 @@ def parse_args(argv=None):
             p.error(f"--{name} {value} must be > 0 seconds.")
     if not os.path.isdir(args.config_dir):
         p.error(f"--config_dir {args.config_dir!r} is not a folder.")
+    if args.best_raven is not None and not os.path.isfile(os.path.join(args.best_raven, "model_index.json")):
+        p.error(f"--best_raven {args.best_raven!r} is not a pipeline folder (no model_index.json).")
     if not args.dry_run:
         for name in ("ode_init", "teacher"):
             path = getattr(args, name)
+            if path is None:  # --teacher: checked in main() once the grid's runs are known
+                continue
             if not os.path.isfile(os.path.join(path, "model_index.json")):
                 p.error(f"--{name} {path!r} is not a pipeline folder (no model_index.json).")
         if not os.path.isfile(args.prompts):
@@ -108,17 +123,22 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    specs = grid.build_grid(args.seed_list, only=args.only_groups)
+    specs = grid.build_grid(args.seed_list, only=args.only_groups, best_raven_given=args.best_raven is not None)
+    if args.teacher is None and any(spec.stage == "raven" for spec in specs):
+        sys.exit("error: --teacher is required: the grid has RAVEN runs (train_raven.py --teacher_model); pass the "
+                 "teacher pipeline folder, or keep only CM-GRPO groups with --only and --best_raven.")
     if grid.needs_latents(specs) and not args.dry_run and not (args.latents and os.path.isdir(args.latents)):
         sys.exit(f"error: --latents {args.latents!r}: the teacher_forcing / diffusion_forcing runs need the latent "
                  "dataset folder (or leave out the history group with --only).")
     config = grid.GridConfig(root=os.path.abspath(args.root), ode_init=os.path.abspath(args.ode_init),
-                             teacher=os.path.abspath(args.teacher), prompts=os.path.abspath(args.prompts),
+                             teacher=os.path.abspath(args.teacher) if args.teacher else None, prompts=os.path.abspath(args.prompts),
                              latents=os.path.abspath(args.latents) if args.latents else None,
                              config_dir=os.path.abspath(args.config_dir), budgets=args.budgets, steps=args.steps,
                              eval_workers=args.eval_workers, extra=args.extra_map)
     scheduler = grid.Scheduler(config, specs, args.gpu_list, deadline=args.deadline, kill_after=args.kill_after,
-                               runs_per_gpu=args.runs_per_gpu, max_evals=args.max_evals)
+                               runs_per_gpu=args.runs_per_gpu, max_evals=args.max_evals,
+                               threads_per_run=args.threads_per_run,
+                               best_raven=args.best_raven)
     if args.dry_run:
         plan = scheduler.dry_run()
         counts: dict[str, int] = {}

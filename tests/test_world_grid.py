@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import sys
 import threading
 import time
 
@@ -23,8 +24,9 @@ SEEDS = (0, 1, 2)
 
 
 def _config(tmp_path, **kw):
-    return grid.GridConfig(root=str(tmp_path / "grid"), ode_init="/ckpt/ode_init", teacher="/ckpt/teacher",
-                           prompts="/ckpt/train.txt", latents="/ckpt/latents", **kw)
+    kw = {"teacher": "/ckpt/teacher", **kw}
+    return grid.GridConfig(root=str(tmp_path / "grid"), ode_init="/ckpt/ode_init", prompts="/ckpt/train.txt",
+                           latents="/ckpt/latents", **kw)
 
 
 def _flag(command, name):
@@ -145,6 +147,27 @@ def test_scheduler_slots_dependencies_and_best_raven(tmp_path):
     assert on_disk["runs"]["history-raven-s1"]["seconds"] > 0
 
 
+
+def test_a_given_best_raven_replaces_the_history_runs(tmp_path):
+    """--best_raven (a checkpoint carried over from an earlier session): no raven-history run is added or waited for,
+    every CM-GRPO run from best RAVEN starts from that folder, and a grid of CM-GRPO runs needs no teacher."""
+    given = tmp_path / "carried" / "raven"
+    with pytest.raises(ValueError, match="no model_index.json"):
+        grid.Scheduler(_config(tmp_path, teacher=None), [], ["0"], best_raven=str(given), log=lambda m: None)
+    given.mkdir(parents=True)
+    (given / "model_index.json").write_text("{}")
+    specs = grid.build_grid([0, 1], only=["kernel", "start"], best_raven_given=True)
+    assert {s.stage for s in specs} == {"cm_grpo"} and len(specs) == 2 * (6 + 1)
+    assert len(grid.build_grid([0, 1], only=["kernel", "start"])) == 2 * (6 + 1 + 1)  # + the history-raven runs
+    config = _config(tmp_path, teacher=None)
+    fake = FakeLauncher()
+    state = grid.Scheduler(config, specs, ["0", "1"], launcher=fake, log=lambda m: None, best_raven=str(given)).run()
+    assert state["status"] == "complete" and state["best_raven"]["path"] == str(given)
+    trainings = [cmd for _, _, cmd, _ in fake.calls if "--output_dir" in cmd]
+    assert len(trainings) == len(specs) and all("--teacher_model" not in cmd for cmd in trainings)
+    starts = {_flag(cmd, "--pretrained_model_name_or_path") for cmd in trainings}
+    assert starts == {str(given), config.ode_init}
+
 def test_resume_skips_finished_runs_and_resumes_interrupted_ones(tmp_path):
     config = _config(tmp_path, budgets={"raven": 300.0, "cm_grpo": 150.0})
     specs = grid.build_grid([0], only=["history"])
@@ -215,6 +238,79 @@ def test_runs_share_gpus_and_step_budgets_are_the_same_for_every_method(tmp_path
             grid.Scheduler(config, specs, ["0"], launcher=counting, max_evals=bad)
 
 
+def _recording(inner):
+    """A launcher that records the env of every command (training: ``--output_dir`` in it) before running ``inner``."""
+    envs = []
+
+    def launch(command, log_path, env, kill_at):
+        envs.append(("train" if "--output_dir" in command else "evaluate", dict(env)))
+        inner(command, log_path, env, kill_at)
+
+    return launch, envs
+
+
+def test_launched_commands_get_a_share_of_the_cpus(tmp_path, monkeypatch):
+    for name in grid.THREAD_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
+    specs = grid.build_grid([0], only=["history"])
+    # auto: 32 CPUs over 2 GPUs x 3 runs + 2 evaluations = 8 processes at once -> 4 threads each, train and evaluate
+    launch, envs = _recording(FakeLauncher())
+    messages = []
+    state = grid.Scheduler(_config(tmp_path / "auto"), specs, ["0", "1"], launcher=launch, runs_per_gpu=3,
+                           max_evals=2, log=messages.append).run()
+    assert state["status"] == "complete" and {kind for kind, _ in envs} == {"train", "evaluate"}
+    assert len(envs) == 2 * len(specs)
+    assert all(env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "4" and env["CUDA_VISIBLE_DEVICES"] in "01"
+               for _, env in envs)
+    assert messages.count("CPU threads per run: 4 (32 CPUs, 8 slots)") == 1
+    # the real launcher hands the variables to the child process
+    log_path = str(tmp_path / "child.log")
+    scheduler = grid.Scheduler(_config(tmp_path / "child"), specs, ["0", "1"], log=lambda m: None)
+    child = "import os; print('threads', os.environ['OMP_NUM_THREADS'], os.environ['MKL_NUM_THREADS'])"
+    grid.default_launcher([sys.executable, "-c", child], log_path, scheduler.env("0"), None)
+    with open(log_path, encoding="utf-8") as log:
+        assert "threads 16 16" in log.read()  # 32 CPUs, 2 GPUs x 1 run, no evaluation limit
+    out = io.StringIO()
+    scheduler.dry_run(out)
+    assert out.getvalue().count("CUDA_VISIBLE_DEVICES=<gpu> OMP_NUM_THREADS=16 MKL_NUM_THREADS=16 ") == 2 * len(specs)
+
+    # explicit: used as given, also over an OMP_NUM_THREADS in the environment
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    launch, envs = _recording(FakeLauncher())
+    grid.Scheduler(_config(tmp_path / "explicit"), specs, ["0"], launcher=launch, threads_per_run=3,
+                   log=lambda m: None).run()
+    assert envs and all(env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "3" for _, env in envs)
+
+    # the environment's OMP_NUM_THREADS is respected without threads_per_run: nothing overrides it, one log line
+    launch, envs = _recording(FakeLauncher())
+    messages = []
+    grid.Scheduler(_config(tmp_path / "inherit"), specs, ["0"], launcher=launch, log=messages.append).run()
+    assert envs and all(set(env) == {"CUDA_VISIBLE_DEVICES"} and {**os.environ, **env}["OMP_NUM_THREADS"] == "7"
+                        for _, env in envs)
+    assert sum("OMP_NUM_THREADS=7" in m for m in messages) == 1
+    assert not any(m.startswith("CPU threads per run") for m in messages)
+
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match=r"threads_per_run " + re.escape(repr(bad))):
+            grid.Scheduler(_config(tmp_path), specs, ["0"], launcher=launch, threads_per_run=bad)
+
+
+def test_threads_per_process_arithmetic(monkeypatch):
+    assert grid.threads_per_process(32, 8, 2, 4) == 1  # the pilot host: 16 runs + 4 evaluations on 32 CPUs
+    assert grid.threads_per_process(32, 1, 2, None) == 16  # no evaluation limit: evaluations not counted
+    assert grid.threads_per_process(64, 3, 2, 2) == 8
+    assert grid.threads_per_process(4, 8, 2, None) == 1  # never below one thread
+    assert grid.processes_at_once(8, 2, 4) == 20 and grid.processes_at_once(1, 2, None) == 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 3, 5}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert grid.available_cpus() == 3  # the affinity mask, not every CPU of the host
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+    assert grid.available_cpus() == 64
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    assert grid.available_cpus() == 1
+
+
 def test_deadline_stops_launching_and_dry_run_launches_nothing(tmp_path):
     config = _config(tmp_path)
     specs = grid.build_grid([0, 1, 2], only=["history"])
@@ -233,23 +329,41 @@ def test_deadline_stops_launching_and_dry_run_launches_nothing(tmp_path):
     assert out.getvalue().count("CUDA_VISIBLE_DEVICES=<gpu>") == 96 and "<best_raven>" in out.getvalue()
 
 
-def test_cli_rejects_bad_input_before_any_launch(tmp_path):
+def test_cli_rejects_bad_input_before_any_launch(tmp_path, capsys):
     module_spec = importlib.util.spec_from_file_location("world_grid", os.path.join(ROOT, "scripts", "world_grid.py"))
     cli = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(cli)
     base = ["--root", str(tmp_path), "--ode_init", str(tmp_path), "--teacher", str(tmp_path), "--prompts", "p.txt"]
     for extra in (["--gpus", "0,x"], ["--gpus", "0,0"], ["--seeds", ""], ["--only", "nope"],
                   ["--budget_seconds", "raven=1"], ["--budget_steps", "x"], ["--runs_per_gpu", "0"],
-                  ["--eval_workers", "0"], ["--max_evals", "0"], ["--deadline", "-1"], []):  # [] : --ode_init has no model_index.json
+                  ["--eval_workers", "0"], ["--max_evals", "0"], ["--threads_per_run", "0"], ["--deadline", "-1"],
+                  []):  # [] : --ode_init has no model_index.json
         with pytest.raises(SystemExit):
             cli.parse_args(base + extra)
     assert cli.parse_args(base + ["--dry_run", "--gpus", "0,1", "--only", "kernel,reward"]).gpu_list == ["0", "1"]
     args = cli.parse_args(base + ["--dry_run", "--budget_steps", "raven=150,cm_grpo=30", "--runs_per_gpu", "4",
                                   "--extra", "raven=--train_batch_size 32", "--extra", "raven=--ttur 5"])
     assert args.steps == {"raven": 150, "cm_grpo": 30} and args.runs_per_gpu == 4
+    assert args.threads_per_run is None
+    for bad in ("0", "-2"):  # with --dry_run nothing else is wrong: its own check must catch it
+        with pytest.raises(SystemExit):
+            cli.parse_args(base + ["--dry_run", "--threads_per_run", bad])
+        assert f"--threads_per_run {bad} must be >= 1" in capsys.readouterr().err
+    assert cli.parse_args(base + ["--dry_run", "--threads_per_run", "2"]).threads_per_run == 2
     assert args.extra_map == {"raven": "--train_batch_size 32 --ttur 5"}
     with pytest.raises(SystemExit):
         cli.parse_args(base + ["--dry_run", "--extra", "teacher=--x 1"])
+    with pytest.raises(SystemExit):  # --best_raven must be a pipeline folder, even for a dry run
+        cli.parse_args(base + ["--dry_run", "--best_raven", str(tmp_path / "missing")])
+    assert "--best_raven" in capsys.readouterr().err
+    no_teacher = ["--root", str(tmp_path), "--ode_init", str(tmp_path), "--prompts", "p.txt"]
+    with pytest.raises(SystemExit, match="--teacher is required"):  # the history group trains RAVEN
+        cli.main(no_teacher + ["--dry_run", "--only", "history"])
+    (tmp_path / "best").mkdir()
+    (tmp_path / "best" / "model_index.json").write_text("{}")
+    plan = cli.main(no_teacher + ["--dry_run", "--only", "kernel", "--best_raven", str(tmp_path / "best")])
+    assert len(plan["plan"]) == 3 * 6 and not any("raven-s" in name for name in plan["plan"])
+    assert str(tmp_path / "best") in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------------------------------- report

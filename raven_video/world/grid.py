@@ -44,13 +44,15 @@ from raven_video.world.recipe import run as run_command
 
 __all__ = ["GRID_TABLE", "CLAIMS", "BEST_RAVEN", "GROUPS", "Claim", "RunSpec", "GridConfig", "build_grid", "commands",
            "finished", "resolve_best_raven", "Scheduler", "estimate_gpu_seconds", "STATE_FILE", "parse_budgets",
-           "parse_steps"]
+           "parse_steps", "available_cpus", "processes_at_once", "threads_per_process", "THREAD_VARIABLES"]
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STATE_FILE = "grid.json"
 SCRIPTS = {"raven": "train_raven.py", "cm_grpo": "train_cm_grpo.py"}
 #: the run's export, relative to its output folder (train_cm_grpo.py writes the merged pipeline under ``merged/``)
 EXPORTS = {"raven": "", "cm_grpo": "merged"}
+#: the environment variables that cap a launched process's CPU threads (torch's intra-op pool, MKL)
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 #: rough per-run costs beyond the training budget, for --dry_run's estimate only (not measured on the grid yet)
 STARTUP_SECONDS_GUESS = 60.0
 EVAL_SECONDS_GUESS = 120.0
@@ -131,10 +133,12 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.+-]+", "_", text).strip("_")
 
 
-def build_grid(seeds: Iterable[int], only: Iterable[str] | None = None, table=GRID_TABLE) -> list[RunSpec]:
+def build_grid(seeds: Iterable[int], only: Iterable[str] | None = None, table=GRID_TABLE,
+               best_raven_given: bool = False) -> list[RunSpec]:
     """The run specs of ``table`` for each seed (rows of identical stage, start and flags merged into one run), in
     launch order: the runs that best RAVEN depends on first, then the rest from the ODE init, then the rest.
-    ``only``: keep the runs of these groups (and the best-RAVEN runs when a kept run starts from best RAVEN)."""
+    ``only``: keep the runs of these groups (and the best-RAVEN runs when a kept run starts from best RAVEN, unless
+    ``best_raven_given``: the caller names that checkpoint, e.g. one carried over from an earlier session)."""
     seeds = list(seeds)
     merged: dict[tuple, dict] = {}
     for group, method, stage, start, flags in table:
@@ -146,7 +150,7 @@ def build_grid(seeds: Iterable[int], only: Iterable[str] | None = None, table=GR
     entries = list(merged.values())
     if only is not None:
         wanted = [e for e in entries if only & {g for g, _ in e["groups"]}]
-        if any(e["start"] == "best_raven" for e in wanted):
+        if not best_raven_given and any(e["start"] == "best_raven" for e in wanted):
             wanted += [e for e in entries if set(e["groups"]) & set(BEST_RAVEN["candidates"]) and e not in wanted]
         entries = [e for e in entries if e in wanted]
 
@@ -200,7 +204,7 @@ def parse_steps(text: str) -> dict[str, int]:
 class GridConfig:
     root: str
     ode_init: str
-    teacher: str
+    teacher: str | None  # train_raven.py --teacher_model (None: a grid of CM-GRPO runs only)
     prompts: str
     latents: str | None = None
     config_dir: str = os.path.join(REPO, "configs", "world")
@@ -317,8 +321,29 @@ Launcher = Callable[[list, str, dict, "float | None"], object]
 
 
 def default_launcher(command: list[str], log_path: str, env: dict, kill_at: float | None) -> None:
-    """:func:`raven_video.world.recipe.run` from the repository root, with ``env`` (``CUDA_VISIBLE_DEVICES``)."""
+    """:func:`raven_video.world.recipe.run` from the repository root, with ``env`` (``CUDA_VISIBLE_DEVICES``, the
+    CPU threads)."""
     run_command(command, log_path, kill_at, env=env, cwd=REPO)
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one, else ``os.cpu_count()``)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def processes_at_once(runs_per_gpu: int, n_gpus: int, max_evals: int | None) -> int:
+    """The launched processes that can run at once: ``runs_per_gpu`` x ``n_gpus`` trainings + ``max_evals``
+    evaluations (none counted without a limit)."""
+    return runs_per_gpu * n_gpus + (max_evals or 0)
+
+
+def threads_per_process(cpus: int, runs_per_gpu: int, n_gpus: int, max_evals: int | None) -> int:
+    """CPU threads for each launched process: an equal share of ``cpus`` among :func:`processes_at_once`, at least
+    1. Each torch process otherwise starts one thread per CPU, and many of them thrash the CPUs
+    (``docs/world_grid.md``)."""
+    return max(1, cpus // processes_at_once(runs_per_gpu, n_gpus, max_evals))
 
 
 def estimate_gpu_seconds(specs: Iterable[RunSpec], budgets: dict) -> float:
@@ -333,12 +358,17 @@ class Scheduler:
     Finished runs are skipped; the others (re)start with ``--resume_from_checkpoint latest``. Runs that start from
     best RAVEN wait until :func:`resolve_best_raven` names it. ``deadline`` (seconds from :meth:`run`): no run is
     launched after it, running ones end at their own ``--max_train_time``; ``kill_after`` (seconds): running ones
-    are interrupted (SIGINT, resumable). ``launcher(command, log_path, env, kill_at)`` runs one command (a fake in
-    tests); it raises :class:`~raven_video.world.recipe.Deadline` when interrupted."""
+    are interrupted (SIGINT, resumable). ``best_raven``: the pipeline folder those runs start from, named by the
+    caller (e.g. carried over from an earlier session) instead of resolved. ``launcher(command, log_path, env, kill_at)`` runs one command (a fake in
+    tests); it raises :class:`~raven_video.world.recipe.Deadline` when interrupted.
+
+    Every command gets ``OMP_NUM_THREADS`` = ``MKL_NUM_THREADS`` = ``threads_per_run`` (None:
+    :func:`threads_per_process` of :func:`available_cpus`). Without ``threads_per_run``, an ``OMP_NUM_THREADS`` already
+    in the environment wins: the commands inherit the environment's thread settings unchanged."""
 
     def __init__(self, config: GridConfig, specs: list[RunSpec], gpus: list[str], launcher: Launcher | None = None,
                  deadline: float | None = None, kill_after: float | None = None, log=None, runs_per_gpu: int = 1,
-                 max_evals: int | None = None):
+                 max_evals: int | None = None, threads_per_run: int | None = None, best_raven: str | None = None):
         if not gpus:
             raise ValueError("no GPU slots")
         if len(set(gpus)) != len(gpus):
@@ -347,16 +377,43 @@ class Scheduler:
             raise ValueError(f"runs_per_gpu {runs_per_gpu!r} must be a whole number >= 1")
         if max_evals is not None and (isinstance(max_evals, bool) or not isinstance(max_evals, int) or max_evals < 1):
             raise ValueError(f"max_evals {max_evals!r} must be a whole number >= 1 (or None: no limit)")
+        if threads_per_run is not None and (isinstance(threads_per_run, bool) or not isinstance(threads_per_run, int)
+                                            or threads_per_run < 1):
+            raise ValueError(f"threads_per_run {threads_per_run!r} must be a whole number >= 1 (or None: the CPUs "
+                             "shared by the runs and evaluations that can run at once)")
         self.config, self.specs, self.gpus = config, list(specs), [str(g) for g in gpus]
         # evaluations score videos on the CPU: too many at once starve the training runs of their launch threads
         self.eval_gate = threading.BoundedSemaphore(max_evals) if max_evals else None
         # slot "<gpu>" (one run per GPU) or "<gpu>/<k>"; spread: the first run of every GPU before any second one
         self.slots = [g if runs_per_gpu == 1 else f"{g}/{k}" for k in range(runs_per_gpu) for g in self.gpus]
         self.launcher = launcher or default_launcher
+        # every process that can run at once gets an equal share of the CPUs (torch's default: one thread per CPU)
+        self.cpus, self.concurrent = available_cpus(), processes_at_once(runs_per_gpu, len(self.gpus), max_evals)
+        self.threads = threads_per_run or threads_per_process(self.cpus, runs_per_gpu, len(self.gpus), max_evals)
+        self.inherited_threads = (os.environ.get("OMP_NUM_THREADS") or None) if threads_per_run is None else None
+        inherit = self.inherited_threads is not None
+        self.thread_env = {} if inherit else dict.fromkeys(THREAD_VARIABLES, str(self.threads))
         self.deadline, self.kill_after = deadline, kill_after
         self.log = log or (lambda message: print(f"[grid] {message}", file=sys.stderr, flush=True))
         self.lock = threading.Lock()
         self.state = self._load_state()
+        if best_raven is not None:  # named by the caller: never resolved from (or waiting for) the history runs
+            path = os.path.abspath(best_raven)
+            if not os.path.isfile(os.path.join(path, "model_index.json")):
+                raise ValueError(f"best_raven {best_raven!r} is not a pipeline folder (no model_index.json); give the "
+                                 "export of the best RAVEN run (e.g. runs/history-raven-s0).")
+            self.state["best_raven"] = {"method": "given", "run": None, "path": path, "mean": None, "given": True}
+
+    def env(self, gpu: str) -> dict:
+        """What a command on ``gpu`` adds to the environment: its GPU and its CPU threads (:attr:`thread_env`)."""
+        return {"CUDA_VISIBLE_DEVICES": gpu, **self.thread_env}
+
+    def _log_threads(self) -> None:
+        if self.inherited_threads is not None:
+            self.log(f"OMP_NUM_THREADS={self.inherited_threads} is set in the environment: runs inherit it (not "
+                     f"{self.threads}, the CPUs' share; pass threads_per_run to override)")
+        else:
+            self.log(f"CPU threads per run: {self.threads} ({self.cpus} CPUs, {self.concurrent} slots)")
 
     # ------------------------------------------------------------------------------------------------ state file
     def _load_state(self) -> dict:
@@ -418,7 +475,8 @@ class Scheduler:
             groups = ", ".join(f"{g}: {m}" for g, m in spec.groups)
             print(f"# {spec.name} ({groups}; seed {spec.seed}; from {spec.start})", file=out)
             for kind, command in steps:
-                print(f"CUDA_VISIBLE_DEVICES=<gpu> {shlex.join(command)}", file=out)
+                env = " ".join(f"{name}={value}" for name, value in self.env("<gpu>").items())
+                print(f"{env} {shlex.join(command)}", file=out)
         return plan
 
     # ------------------------------------------------------------------------------------------------ running
@@ -441,7 +499,7 @@ class Scheduler:
                 with gate:
                     tic = time.monotonic()
                     try:
-                        self.launcher(command, self.config.log_path(spec), {"CUDA_VISIBLE_DEVICES": gpu}, kill_at)
+                        self.launcher(command, self.config.log_path(spec), self.env(gpu), kill_at)
                     finally:
                         with self.lock:
                             elapsed = time.monotonic() - tic
@@ -464,6 +522,7 @@ class Scheduler:
         clock = time.monotonic()
         deadline_at = clock + self.deadline if self.deadline is not None else None
         kill_at = clock + self.kill_after if self.kill_after is not None else None
+        self._log_threads()
         self._refresh_best()
         self.save()
         pending = [spec for spec in self.specs if not finished(self.config, spec)]

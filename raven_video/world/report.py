@@ -218,9 +218,11 @@ def write_report(root: str, output: str, claims=CLAIMS, note: str | None = None)
     if note:
         lines += [note.strip(), ""]
     best = state.get("best_raven")
-    if best:
+    if best and best.get("mean") is not None:
         lines += [f"Best RAVEN (CM-GRPO start): **{best['method']}**, mean world score {best['mean']:.4f} at 1x; "
                   f"checkpoint of `{best['run']}`.", ""]
+    elif best:
+        lines += [f"Best RAVEN (CM-GRPO start): given, `{best['path']}`.", ""]
     for group in groups:
         methods = methods_of(state, group)
         lines += [f"## {group}", ""]
