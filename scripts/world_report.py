@@ -17,6 +17,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", required=True, help="the grid folder (with grid.json)")
     p.add_argument("--output", required=True, help="markdown file to write; PNGs go to <stem>_figures/ beside it")
+    p.add_argument("--title", default=None, help="the report's heading (default: 'World grid results (<root>)')")
     p.add_argument("--note", default=None, help="markdown file whose text goes under the title (what ran, what is missing)")
     args = p.parse_args(argv)
     if args.note is not None and not os.path.isfile(args.note):
@@ -33,7 +34,7 @@ def main(argv=None) -> str:
     if args.note is not None:
         with open(args.note, encoding="utf-8") as handle:
             note = handle.read()
-    return write_report(args.root, args.output, note=note)
+    return write_report(args.root, args.output, note=note, title=args.title)
 
 
 if __name__ == "__main__":

@@ -411,3 +411,6 @@ def test_report_tables_tests_and_figures(tmp_path):
         assert (figures / png).stat().st_size > 1000 and f"world_results_figures/{png}" in text
     assert "| raven | 3 | done | 101 ± 1 | 80 ± 0 | 40 |" in text  # the steps each run's metrics.jsonl reached
     assert rp.verdict([0.1, 0.2], [0.5, 0.6], 0.01) == "does not hold"
+    assert text.splitlines()[0] == f"# World grid results (`{root}`)"
+    titled = rp.write_report(str(root), str(output), title="World grid results (2026-11-30)")
+    assert titled.splitlines()[0] == "# World grid results (2026-11-30)"
