@@ -57,6 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--max_evals", type=int, default=None,
                    help="evaluations running at once on the machine (they score on the CPU; the 2026-11-30 pilot with "
                         "22 at once beside training hit a load average of 400); default: no limit")
+    p.add_argument("--tail_evals", type=int, default=None,
+                   help="evaluations at once while no run trains (the GPUs are then idle); default: 2 x --max_evals")
     p.add_argument("--threads_per_run", type=int, default=None,
                    help="CPU threads (OMP_NUM_THREADS, MKL_NUM_THREADS) per launched run and evaluation: many torch "
                         "processes on one host oversubscribe the CPUs (16 runs x 32 threads ran 3-6x slower on a "
@@ -91,6 +93,8 @@ def parse_args(argv=None):
         p.error(f"--runs_per_gpu {args.runs_per_gpu} must be >= 1.")
     if args.max_evals is not None and args.max_evals < 1:
         p.error(f"--max_evals {args.max_evals} must be >= 1.")
+    if args.tail_evals is not None and (args.max_evals is None or args.tail_evals < args.max_evals):
+        p.error(f"--tail_evals {args.tail_evals} needs --max_evals and must be >= it ({args.max_evals}).")
     if args.threads_per_run is not None and args.threads_per_run < 1:
         p.error(f"--threads_per_run {args.threads_per_run} must be >= 1.")
     if args.eval_workers is not None and args.eval_workers < 1:
@@ -138,7 +142,7 @@ def main(argv=None) -> dict:
     scheduler = grid.Scheduler(config, specs, args.gpu_list, deadline=args.deadline, kill_after=args.kill_after,
                                runs_per_gpu=args.runs_per_gpu, max_evals=args.max_evals,
                                threads_per_run=args.threads_per_run,
-                               best_raven=args.best_raven)
+                               best_raven=args.best_raven, tail_evals=args.tail_evals)
     if args.dry_run:
         plan = scheduler.dry_run()
         counts: dict[str, int] = {}

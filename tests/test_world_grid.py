@@ -211,9 +211,9 @@ def test_runs_share_gpus_and_step_budgets_are_the_same_for_every_method(tmp_path
                 intervals.append((training, tic, time.monotonic()))
 
     state = grid.Scheduler(config, specs, ["0", "1"], launcher=counting, runs_per_gpu=3, max_evals=2,
-                           log=lambda m: None).run()
+                           tail_evals=2, log=lambda m: None).run()
     assert state["status"] == "complete" and peak["0"][1] == peak["1"][1] == 3  # 3 trainings per GPU, never more
-    assert peak["eval"][1] == 2  # at most max_evals evaluations at once
+    assert peak["eval"][1] == 2  # at most max_evals evaluations at once (tail_evals = max_evals here)
     # a run hands its slot back when its training ends: the 7th training starts before any evaluation has ended
     trainings = sorted(t for is_train, t, _ in intervals if is_train)
     assert len(trainings) == len(specs) and trainings[6] < min(e for is_train, _, e in intervals if not is_train)
@@ -237,6 +237,39 @@ def test_runs_share_gpus_and_step_budgets_are_the_same_for_every_method(tmp_path
         with pytest.raises(ValueError, match="max_evals"):
             grid.Scheduler(config, specs, ["0"], launcher=counting, max_evals=bad)
 
+
+
+def test_evaluations_widen_to_the_tail_limit_once_no_run_trains(tmp_path):
+    """max_evals while any run trains, tail_evals once none does (the GPUs are idle then)."""
+    specs = grid.build_grid([0, 1, 2], only=["history"])[:4]
+    lock, state_now, starts = threading.Lock(), {"train": 0, "eval": 0}, []
+    inner = FakeLauncher(sleep=0.0)
+
+    def launch(command, log_path, env, kill_at):  # records (trainings, evaluations) running at each start
+        kind = "train" if "--output_dir" in command else "eval"
+        with lock:
+            state_now[kind] += 1
+            starts.append((state_now["train"], state_now["eval"]))
+        try:
+            time.sleep(0.05 if kind == "train" else 0.6)
+            inner(command, log_path, env, kill_at)
+        finally:
+            with lock:
+                state_now[kind] -= 1
+
+    state = grid.Scheduler(_config(tmp_path), specs, ["0"], launcher=launch, max_evals=1, tail_evals=3,
+                           log=lambda m: None).run()
+    assert state["status"] == "complete" and len(starts) == 8
+    assert all(evals <= 1 for training, evals in starts if training)  # beside a training: max_evals
+    assert max(evals for _, evals in starts) == 3  # the tail: 3 at once
+    for bad in (0, True, 1.5):
+        with pytest.raises(ValueError, match="tail_evals"):
+            grid.Scheduler(_config(tmp_path), specs, ["0"], launcher=launch, max_evals=2, tail_evals=bad)
+    with pytest.raises(ValueError, match="needs max_evals"):
+        grid.Scheduler(_config(tmp_path), specs, ["0"], launcher=launch, tail_evals=4)
+    gate = grid.EvalGate(2, 4)
+    assert gate.tail_limit == 4 and grid.Scheduler(_config(tmp_path), specs, ["0"], max_evals=3,
+                                                   log=lambda m: None).eval_gate.tail_limit == 6
 
 def _recording(inner):
     """A launcher that records the env of every command (training: ``--output_dir`` in it) before running ``inner``."""
@@ -337,6 +370,7 @@ def test_cli_rejects_bad_input_before_any_launch(tmp_path, capsys):
     for extra in (["--gpus", "0,x"], ["--gpus", "0,0"], ["--seeds", ""], ["--only", "nope"],
                   ["--budget_seconds", "raven=1"], ["--budget_steps", "x"], ["--runs_per_gpu", "0"],
                   ["--eval_workers", "0"], ["--max_evals", "0"], ["--threads_per_run", "0"], ["--deadline", "-1"],
+                  ["--dry_run", "--tail_evals", "4"], ["--dry_run", "--max_evals", "4", "--tail_evals", "3"],
                   []):  # [] : --ode_init has no model_index.json
         with pytest.raises(SystemExit):
             cli.parse_args(base + extra)

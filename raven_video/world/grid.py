@@ -43,7 +43,7 @@ from raven_video.world.recipe import Deadline, script_command
 from raven_video.world.recipe import run as run_command
 
 __all__ = ["GRID_TABLE", "CLAIMS", "BEST_RAVEN", "GROUPS", "Claim", "RunSpec", "GridConfig", "build_grid", "commands",
-           "finished", "resolve_best_raven", "Scheduler", "estimate_gpu_seconds", "STATE_FILE", "parse_budgets",
+           "finished", "resolve_best_raven", "Scheduler", "EvalGate", "estimate_gpu_seconds", "STATE_FILE", "parse_budgets",
            "parse_steps", "available_cpus", "processes_at_once", "threads_per_process", "THREAD_VARIABLES"]
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -351,6 +351,38 @@ def estimate_gpu_seconds(specs: Iterable[RunSpec], budgets: dict) -> float:
     return sum(budgets[spec.stage] + STARTUP_SECONDS_GUESS + EVAL_SECONDS_GUESS for spec in specs)
 
 
+class EvalGate:
+    """Admits evaluations: at most ``limit`` at once while any run trains, ``tail_limit`` while none does (the GPUs are
+    then idle and the evaluations left are the grid's tail; on 2026-11-30 the last 8 evaluations of the RAVEN groups
+    waited 4 at a time beside two idle H200s). ``None``: no limit."""
+
+    def __init__(self, limit: int | None, tail_limit: int | None):
+        self.limit, self.tail_limit = limit, tail_limit
+        self.running, self.tail = 0, False
+        self.cond = threading.Condition()
+
+    def _room(self) -> bool:
+        limit = self.tail_limit if self.tail else self.limit
+        return limit is None or self.running < limit
+
+    def set_tail(self, tail: bool) -> None:
+        """``True`` while no run trains (the scheduler's call); admits the evaluations the larger limit allows."""
+        with self.cond:
+            self.tail = tail
+            self.cond.notify_all()
+
+    def __enter__(self):
+        with self.cond:
+            self.cond.wait_for(self._room)
+            self.running += 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with self.cond:
+            self.running -= 1
+            self.cond.notify_all()
+
+
 class Scheduler:
     """Runs ``specs`` over the GPUs ``gpus``, ``runs_per_gpu`` runs on each at a time (``CUDA_VISIBLE_DEVICES=<gpu>``;
     the world model is so small that one run leaves an H200 mostly idle, waiting for kernel launches).
@@ -359,8 +391,10 @@ class Scheduler:
     best RAVEN wait until :func:`resolve_best_raven` names it. ``deadline`` (seconds from :meth:`run`): no run is
     launched after it, running ones end at their own ``--max_train_time``; ``kill_after`` (seconds): running ones
     are interrupted (SIGINT, resumable). ``best_raven``: the pipeline folder those runs start from, named by the
-    caller (e.g. carried over from an earlier session) instead of resolved. ``launcher(command, log_path, env, kill_at)`` runs one command (a fake in
-    tests); it raises :class:`~raven_video.world.recipe.Deadline` when interrupted.
+    caller (e.g. carried over from an earlier session) instead of resolved. ``max_evals``: evaluations at once while
+    any run trains; ``tail_evals`` (default ``2 * max_evals``) while none does (:class:`EvalGate`).
+    ``launcher(command, log_path, env, kill_at)`` runs one command (a fake in tests); it raises
+    :class:`~raven_video.world.recipe.Deadline` when interrupted.
 
     Every command gets ``OMP_NUM_THREADS`` = ``MKL_NUM_THREADS`` = ``threads_per_run`` (None:
     :func:`threads_per_process` of :func:`available_cpus`). Without ``threads_per_run``, an ``OMP_NUM_THREADS`` already
@@ -368,7 +402,8 @@ class Scheduler:
 
     def __init__(self, config: GridConfig, specs: list[RunSpec], gpus: list[str], launcher: Launcher | None = None,
                  deadline: float | None = None, kill_after: float | None = None, log=None, runs_per_gpu: int = 1,
-                 max_evals: int | None = None, threads_per_run: int | None = None, best_raven: str | None = None):
+                 max_evals: int | None = None, threads_per_run: int | None = None, best_raven: str | None = None,
+                 tail_evals: int | None = None):
         if not gpus:
             raise ValueError("no GPU slots")
         if len(set(gpus)) != len(gpus):
@@ -377,13 +412,17 @@ class Scheduler:
             raise ValueError(f"runs_per_gpu {runs_per_gpu!r} must be a whole number >= 1")
         if max_evals is not None and (isinstance(max_evals, bool) or not isinstance(max_evals, int) or max_evals < 1):
             raise ValueError(f"max_evals {max_evals!r} must be a whole number >= 1 (or None: no limit)")
+        if tail_evals is not None and (max_evals is None or isinstance(tail_evals, bool)
+                                       or not isinstance(tail_evals, int) or tail_evals < max_evals):
+            raise ValueError(f"tail_evals {tail_evals!r} must be a whole number >= max_evals ({max_evals}): the limit "
+                             "on evaluations once no run trains (it needs max_evals)")
         if threads_per_run is not None and (isinstance(threads_per_run, bool) or not isinstance(threads_per_run, int)
                                             or threads_per_run < 1):
             raise ValueError(f"threads_per_run {threads_per_run!r} must be a whole number >= 1 (or None: the CPUs "
                              "shared by the runs and evaluations that can run at once)")
         self.config, self.specs, self.gpus = config, list(specs), [str(g) for g in gpus]
         # evaluations score videos on the CPU: too many at once starve the training runs of their launch threads
-        self.eval_gate = threading.BoundedSemaphore(max_evals) if max_evals else None
+        self.eval_gate = EvalGate(max_evals, tail_evals or (2 * max_evals if max_evals else None))
         # slot "<gpu>" (one run per GPU) or "<gpu>/<k>"; spread: the first run of every GPU before any second one
         self.slots = [g if runs_per_gpu == 1 else f"{g}/{k}" for k in range(runs_per_gpu) for g in self.gpus]
         self.launcher = launcher or default_launcher
@@ -495,7 +534,7 @@ class Scheduler:
                 with self.lock:
                     entry["command_" + kind] = shlex.join(command)
                     self._save_locked()
-                gate = self.eval_gate if kind == "evaluate" and self.eval_gate else contextlib.nullcontext()
+                gate = self.eval_gate if kind == "evaluate" else contextlib.nullcontext()
                 with gate:
                     tic = time.monotonic()
                     try:
@@ -551,6 +590,7 @@ class Scheduler:
                 worker.start()
             if not running:
                 break
+            self.eval_gate.set_tail(len(free) == len(self.slots))  # no run trains: the evaluations may use the GPUs
             message = results.get()
             if message[0] == "free":  # training ended: the slot takes the next run while this one evaluates
                 free.append(message[1])
