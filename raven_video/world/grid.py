@@ -43,8 +43,9 @@ from raven_video.world.recipe import Deadline, script_command
 from raven_video.world.recipe import run as run_command
 
 __all__ = ["GRID_TABLE", "CLAIMS", "BEST_RAVEN", "GROUPS", "Claim", "RunSpec", "GridConfig", "build_grid", "commands",
-           "finished", "resolve_best_raven", "Scheduler", "EvalGate", "estimate_gpu_seconds", "STATE_FILE", "parse_budgets",
-           "parse_steps", "available_cpus", "processes_at_once", "threads_per_process", "THREAD_VARIABLES"]
+           "finished", "resolve_best_raven", "Scheduler", "EvalGate", "estimate_gpu_seconds", "STATE_FILE",
+           "parse_budgets", "parse_steps", "available_cpus", "processes_at_once", "threads_per_process",
+           "THREAD_VARIABLES"]
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STATE_FILE = "grid.json"
