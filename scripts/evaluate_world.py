@@ -20,6 +20,7 @@ import time
 import torch
 
 from raven_video.pipelines.pipeline_causal_wan import CausalWanPipeline
+from raven_video.utils.atomic import atomic_write_text
 from raven_video.world import evaluate as ev
 
 
@@ -138,8 +139,8 @@ def main(argv=None):
                   file=sys.stderr)
     report["seconds"] = timings
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w", encoding="utf-8") as handle:
-        json.dump(report, handle, indent=1, sort_keys=True)
+    # atomic: the world grid treats an existing JSON as a finished evaluation and reads it at once
+    atomic_write_text(args.output, json.dumps(report, indent=1, sort_keys=True))
     return report
 
 

@@ -16,6 +16,7 @@ import pytest
 from scipy.stats import ttest_ind
 
 from raven_video.training.rollout import HISTORY_MODES
+from raven_video.utils.atomic import atomic_write_text
 from raven_video.world import grid
 from raven_video.world import report as rp
 
@@ -118,8 +119,8 @@ class FakeLauncher:
             else:
                 score = self.scores.get(name, 0.5)
                 os.makedirs(os.path.dirname(_flag(command, "--output")), exist_ok=True)
-                json.dump({"student": {k: {"world_score": score} for k in ("1x", "2x", "4x")}},
-                          open(_flag(command, "--output"), "w"))
+                atomic_write_text(_flag(command, "--output"),  # as evaluate_world.py writes it
+                                  json.dumps({"student": {k: {"world_score": score} for k in ("1x", "2x", "4x")}}))
         finally:
             with self.lock:
                 self.busy.discard(busy)
@@ -412,7 +413,7 @@ def test_report_tables_tests_and_figures(tmp_path):
             (out / "logs").mkdir(parents=True)
             with open(out / "logs" / "metrics.jsonl", "w") as handle:
                 for step in range(1, 41):
-                    handle.write(json.dumps({"step": step, "dmd_loss": 1 / step, "critic_loss": 0.5}) + "\n")
+                    handle.write(json.dumps({"step": step, "dmd_loss": 1 / step, "critic_loss": 0.5, "lr": 1e-5}) + "\n")
             score = {length: base - 0.05 * i + rng.normal(0, 0.02) for i, length in enumerate(("1x", "2x", "4x"))}
             values.setdefault(method, []).append(score)
             student = {length: {"world_score": s, "count_accuracy": s / 2,
@@ -446,5 +447,31 @@ def test_report_tables_tests_and_figures(tmp_path):
     assert "| raven | 3 | done | 101 ± 1 | 80 ± 0 | 40 |" in text  # the steps each run's metrics.jsonl reached
     assert rp.verdict([0.1, 0.2], [0.5, 0.6], 0.01) == "does not hold"
     assert text.splitlines()[0] == f"# World grid results (`{root}`)"
+    # an archive (grid.json + evaluations + curves, relative paths) rebuilds the same report, wherever it is moved
+    archive = tmp_path / "archive"
+    assert rp.archive_results(str(root), str(archive)) == len(runs)
+    moved = tmp_path / "elsewhere" / "data"
+    moved.parent.mkdir()
+    os.rename(archive, moved)
+    assert not any(p.name.startswith(".archive") for p in tmp_path.iterdir())
+    (tmp_path / "again").mkdir()
+    assert rp.write_report(str(moved), str(tmp_path / "again" / "world_results.md"), title="t") == \
+        rp.write_report(str(root), str(output), title="t")
+    curves = [json.loads(line) for line in open(moved / "runs" / "history-raven-s0" / "logs" / "metrics.jsonl")]
+    assert len(curves) == 40 and all(set(row) == {"step", "dmd_loss", "critic_loss"} for row in curves)  # no "lr"
     titled = rp.write_report(str(root), str(output), title="World grid results (2026-11-30)")
     assert titled.splitlines()[0] == "# World grid results (2026-11-30)"
+
+
+def test_the_grids_evaluation_command_writes_its_json_whole(tmp_path):
+    """evaluate_world.py (the grid's evaluation step) on the shipped world model, 2 prompts at 1x on CPU: the JSON the
+    grid reads as "finished" appears complete, by an atomic rename, with no temporary file left beside it."""
+    spec = importlib.util.spec_from_file_location("evaluate_world", os.path.join(ROOT, "scripts", "evaluate_world.py"))
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    output = tmp_path / "eval" / "run.json"
+    cli.main(["--model", os.path.join(ROOT, "raven_video", "world", "weights", "pipeline"), "--output", str(output),
+              "--num_prompts", "2", "--lengths", "1", "--workers", "1", "--device", "cpu"])
+    report = json.loads(output.read_text())
+    assert 0.0 <= report["student"]["1x"]["world_score"] <= 1.0 and report["num_prompts"] == 2
+    assert sorted(p.name for p in output.parent.iterdir()) == ["run-student-1x.png", "run.json"]

@@ -13,9 +13,10 @@ import re
 import numpy as np
 
 from raven_video.cli.training import read_metrics
+from raven_video.utils.atomic import atomic_folder
 from raven_video.world.grid import CLAIMS, STATE_FILE, Claim
 
-__all__ = ["load_runs", "method_scores", "mean_std", "welch", "verdict", "write_report", "steps_reached", "CURVE_KEYS",
+__all__ = ["load_runs", "archive_results", "method_scores", "mean_std", "welch", "verdict", "write_report", "steps_reached", "CURVE_KEYS",
            "ALPHA"]
 
 ALPHA = 0.05
@@ -27,16 +28,53 @@ FRAMES_PER_WINDOW, FPS = 81, 16.0
 
 
 def load_runs(root: str) -> dict:
-    """``grid.json``'s runs, each with ``evaluation`` (the eval JSON's ``student`` entry or ``None``)."""
+    """``grid.json``'s runs, each with ``evaluation`` (the eval JSON's ``student`` entry or ``None``); relative
+    ``eval`` / ``output_dir`` paths (an :func:`archive_results` copy) are resolved against ``root``."""
     with open(os.path.join(root, STATE_FILE), encoding="utf-8") as handle:
         state = json.load(handle)
     for entry in state["runs"].values():
+        for key in ("eval", "output_dir"):
+            if entry.get(key) and not os.path.isabs(entry[key]):
+                entry[key] = os.path.join(root, entry[key])
         path = entry.get("eval")
         entry["evaluation"] = None
         if path and os.path.isfile(path):
             with open(path, encoding="utf-8") as handle:
                 entry["evaluation"] = json.load(handle).get("student")
     return state
+
+
+def archive_results(root: str, dest: str) -> int:
+    """Copy what the report reads into ``dest``, self-contained and small enough to commit beside it: ``grid.json``
+    (``eval`` and ``output_dir`` relative to ``dest``; checkpoints and logs are not copied, their paths stay as
+    run), each evaluation JSON and each run's logged curves (``step`` and :data:`CURVE_KEYS`). Returns the runs
+    copied; ``write_report(dest, ...)`` then gives the same tables, tests and figures as from ``root``."""
+    state = load_runs(root)
+    keys = {"step", *(k for stage_keys in CURVE_KEYS.values() for k in stage_keys)}
+    with atomic_folder(dest, overwrite=True) as folder:  # nothing half-written is left behind
+        return _archive(state, str(folder), keys)
+
+
+def _archive(state: dict, dest: str, keys: set) -> int:
+    os.makedirs(os.path.join(dest, "eval"), exist_ok=True)
+    for name, entry in state["runs"].items():
+        evaluation = entry.pop("evaluation")
+        if evaluation is not None:
+            with open(entry["eval"], encoding="utf-8") as handle:
+                report = json.load(handle)
+            with open(os.path.join(dest, "eval", f"{name}.json"), "w", encoding="utf-8") as handle:
+                json.dump(report, handle, indent=1, sort_keys=True)
+            entry["eval"] = f"eval/{name}.json"
+        rows = read_metrics(os.path.join(entry["output_dir"], "logs")) if entry.get("output_dir") else []
+        if rows:
+            logs = os.path.join(dest, "runs", name, "logs")
+            os.makedirs(logs, exist_ok=True)
+            with open(os.path.join(logs, "metrics.jsonl"), "w", encoding="utf-8") as handle:
+                handle.writelines(json.dumps({k: v for k, v in row.items() if k in keys}) + "\n" for row in rows)
+            entry["output_dir"] = f"runs/{name}"
+    with open(os.path.join(dest, STATE_FILE), "w", encoding="utf-8") as handle:
+        json.dump(state, handle, indent=1, sort_keys=True)
+    return len(state["runs"])
 
 
 def methods_of(state: dict, group: str) -> dict[str, list[str]]:
