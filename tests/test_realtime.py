@@ -142,6 +142,47 @@ def test_cuda_graph_runner_keeps_cache_addresses_and_stays_eager_on_cpu(eager_fr
     assert graphs.graphs == {} and graphs.disabled_reason is None  # CPU: nothing captured
 
 
+def test_cuda_graph_capture_builds_no_rope_table_and_keeps_the_ones_it_reads(monkeypatch):
+    """A capture cannot copy from the host, and a long stream (969 frames, window 21) evicts old positions from the
+    transformer's RoPE table cache: the runner builds a chunk's tables before capturing and its graph keeps them. CUDA
+    is faked here (the capture runs the forward eagerly); what is checked is where tables are built and who holds them."""
+    import contextlib
+
+    pipe = tiny_pipeline(seed=0).enable_realtime(compile=False, cudnn_benchmark=False, cuda_graphs=True)
+    graphs, model = pipe.denoiser, pipe.transformer
+    capturing = []
+
+    @contextlib.contextmanager
+    def fake_capture(graph, pool=None):
+        capturing.append(graph)
+        try:
+            yield
+        finally:
+            capturing.pop()
+
+    build = model._rotary_tables_uncached
+
+    def build_outside_capture(*args, **kwargs):
+        assert not capturing, "a RoPE table was built inside a CUDA-graph capture"
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
+    monkeypatch.setattr(torch.cuda, "graph", fake_capture)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: object())
+    monkeypatch.setattr(type(model), "_ROTARY_CACHE_SIZE", 2)
+    monkeypatch.setattr(model, "_rotary_tables_uncached", build_outside_capture)
+    cache = graphs.kv_cache(1, 4, 6, local_attn_size=6, sink_size=0, device="cpu")
+    with torch.no_grad():
+        model(torch.randn(1, 16, 3, 4, 6), torch.zeros(1), torch.randn(1, 7, 32), kv_cache=cache, update_cache=True)
+        cache.commit(0, 3)
+        captured = [graphs._capture(("chunk", s), torch.randn(1, 16, 3, 4, 6), torch.full((1,), 500.0), cache, s, False)
+                    for s in (3, 6, 9)]  # three positions through a two-entry table cache
+    assert graphs.disabled_reason is None and all(g is not None for g in captured)
+    first = captured[0].keep
+    assert (3, 4, 5) not in {key[0] for key in model._rotary_tables}  # evicted from the cache ...
+    torch.testing.assert_close(first[0], build([3, 4, 5], 2, 3, "cpu")[0], rtol=0, atol=0)  # ... still held, intact
+
+
 def test_two_device_split_validates_and_falls_back_with_one_log_line(eager_frames, caplog):
     """``enable_realtime(devices=(dit, vae))``: on this CPU-only machine a missing second GPU is one log line and the
     outputs are the eager ones; malformed device pairs are clear errors."""

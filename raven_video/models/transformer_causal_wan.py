@@ -415,6 +415,15 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
 
     _ROTARY_CACHE_SIZE = 64
 
+    def rotary_tables(self, frame_offset: int, num_frames: int, latent_height: int, latent_width: int,
+                      device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The RoPE tables a streaming forward of ``num_frames`` latent frames at ``frame_offset`` reads (cached, see
+        :meth:`_rotary`). A CUDA-graph capture builds them first and holds them: building copies from the host, and
+        the cache evicts old positions in streams of more than ``_ROTARY_CACHE_SIZE`` chunks."""
+        _, p_h, p_w = self.config.patch_size
+        positions = list(range(frame_offset, frame_offset + num_frames))
+        return self._rotary(positions, latent_height // p_h, latent_width // p_w, device)
+
     def _rotary(self, positions: list[int], pph: int, ppw: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE tables ``[1, F*pph*ppw, 1, head_dim]`` for arbitrary temporal positions (docs/method.md §2: frame offsets).
 

@@ -29,8 +29,9 @@ logger = logging.getLogger(__name__)
 
 class _Graph:
     def __init__(self, graph: torch.cuda.CUDAGraph, inputs: torch.Tensor, timestep: torch.Tensor,
-                 output: torch.Tensor):
+                 output: torch.Tensor, keep: tuple = ()):
         self.graph, self.inputs, self.timestep, self.output = graph, inputs, timestep, output
+        self.keep = keep  # tensors allocated outside the graph's pool that its replays read (RoPE tables)
 
 
 class StreamingGraphs:
@@ -100,6 +101,10 @@ class StreamingGraphs:
 
     def _capture(self, key, model_in, timestep, cache, frame_offset, update_cache) -> _Graph | None:
         inputs, static_t = model_in.clone(), timestep.clone()
+        # RoPE tables: built now (building copies from the host, which a capture cannot hold) and kept by the graph
+        # (the transformer's table cache evicts old positions in long streams; a replay must not read freed memory)
+        _, _, frames, height, width = model_in.shape
+        tables = self.transformer.rotary_tables(frame_offset, frames, height, width, model_in.device)
         graph = torch.cuda.CUDAGraph()
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
@@ -113,6 +118,6 @@ class StreamingGraphs:
             self.graphs.clear()
             torch.cuda.synchronize()
             return None
-        captured = _Graph(graph, inputs, static_t, output)
+        captured = _Graph(graph, inputs, static_t, output, keep=tables)
         self.graphs[key] = captured
         return captured
