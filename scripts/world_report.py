@@ -3,6 +3,8 @@
 
     python scripts/world_report.py --root runs/grid --output docs/world_results.md
     python scripts/world_report.py --root runs/grid --archive docs/world_results_data   # what the report reads, small
+    python scripts/world_report.py --root runs/grid --output docs/world_results.md \
+        --start ode_init=runs/world/eval/ode_init.json   # the CM-GRPO gain tables: each start's own evaluation
 """
 
 from __future__ import annotations
@@ -23,7 +25,18 @@ def parse_args(argv=None):
                         "training curves, no checkpoints; --root it later to rebuild the report")
     p.add_argument("--title", default=None, help="the report's heading (default: 'World grid results (<root>)')")
     p.add_argument("--note", default=None, help="markdown file whose text goes under the title (what ran, what is missing)")
+    p.add_argument("--start", action="append", default=[], metavar="NAME=EVAL_JSON",
+                   help="evaluation JSON (scripts/evaluate_world.py) of a checkpoint CM-GRPO runs start from: ode_init "
+                        "or best_raven (default for best_raven: the evaluation of the grid run it came from); repeatable")
     args = p.parse_args(argv)
+    args.starts = {}
+    for item in args.start:
+        name, sep, path = item.partition("=")
+        if not sep or name not in ("ode_init", "best_raven"):
+            p.error(f"--start {item!r}: expected ode_init=EVAL_JSON or best_raven=EVAL_JSON.")
+        if not os.path.isfile(path):
+            p.error(f"--start {item!r}: {path!r} is not a file (write it with scripts/evaluate_world.py --output).")
+        args.starts[name] = path
     if args.note is not None and not os.path.isfile(args.note):
         p.error(f"--note {args.note!r} is not a file.")
     if args.output is None and args.archive is None:
@@ -38,7 +51,7 @@ def parse_args(argv=None):
 def main(argv=None) -> str | None:
     args = parse_args(argv)
     if args.archive is not None:
-        count = archive_results(args.root, args.archive)
+        count = archive_results(args.root, args.archive, starts=args.starts)
         print(f"archived {count} runs' results in {args.archive}")
     if args.output is None:
         return None
@@ -47,7 +60,7 @@ def main(argv=None) -> str | None:
     if args.note is not None:
         with open(args.note, encoding="utf-8") as handle:
             note = handle.read()
-    return write_report(args.root, args.output, note=note, title=args.title)
+    return write_report(args.root, args.output, note=note, title=args.title, starts=args.starts)
 
 
 if __name__ == "__main__":

@@ -463,6 +463,50 @@ def test_report_tables_tests_and_figures(tmp_path):
     assert titled.splitlines()[0] == "# World grid results (2026-11-30)"
 
 
+def test_report_gain_over_the_cm_grpo_start(tmp_path, capsys):
+    """CM-GRPO groups get a gain table: each method's runs against the one evaluation of the checkpoint they started
+    from (one-sample t-test); the start's evaluation travels with an archive; a bad --start is a clear error."""
+    from scipy.stats import ttest_1samp
+
+    root = tmp_path / "grid"
+    (root / "eval").mkdir(parents=True)
+    runs, after = {}, {}
+    for method, start, scores in (("consistency beta=0", "best_raven", (0.70, 0.72, 0.71)),
+                                  ("EM sigma=0.4 beta=0", "best_raven", (0.60, 0.66, 0.63)),
+                                  ("ODE init", "ode_init", (0.55, 0.56, 0.57))):
+        for seed, score in zip(SEEDS, scores):
+            name = f"kernel-{method.replace(' ', '_')}-s{seed}"
+            json.dump({"student": {"1x": {"world_score": score}}}, open(root / "eval" / f"{name}.json", "w"))
+            runs[name] = {"groups": {"kernel": method}, "stage": "cm_grpo", "start": start, "seed": seed,
+                          "status": "done", "eval": f"eval/{name}.json"}
+            after.setdefault(method, []).append(score)
+    json.dump({"runs": runs, "best_raven": {"given": True, "path": "/ckpt/best", "run": None}},
+              open(root / grid.STATE_FILE, "w"), sort_keys=True)  # as the grid writes it
+    start_json = tmp_path / "best_raven.json"
+    json.dump({"student": {"1x": {"world_score": 0.62}}}, open(start_json, "w"))
+    text = rp.write_report(str(root), str(tmp_path / "r.md"), starts={"best_raven": str(start_json)})
+    rows = {line.split(" | ")[0][2:]: line for line in text.splitlines() if " | best_raven | 1x | " in line}
+    expected = ttest_1samp(after["consistency beta=0"], 0.62)
+    assert f"| 0.620 | 0.710 ± 0.010 | +0.090 | {expected.statistic:.2f} | {expected.pvalue:.3g} | improves |" \
+        in rows["consistency beta=0"]
+    assert rows["EM sigma=0.4 beta=0"].endswith("| inconclusive |")  # +0.010 over seeds 0.03 apart
+    assert "| ODE init | ode_init | 1x | – |" in text and "not measured" in text  # no evaluation of the ODE init
+    assert rp.gain_verdict([0.5, 0.51], 0.6, 0.01) == "worsens" and rp.gain_verdict([], 0.6, 0.01) == "not measured"
+    # the archive keeps the start's evaluation: it rebuilds the same report without --start
+    rp.archive_results(str(root), str(tmp_path / "archive"), starts={"best_raven": str(start_json)})
+    assert json.load(open(tmp_path / "archive" / "eval" / "start-best_raven.json"))["student"]["1x"]["world_score"] == 0.62
+    assert rp.write_report(str(tmp_path / "archive"), str(tmp_path / "r2.md"), title="t") == \
+        rp.write_report(str(root), str(tmp_path / "r.md"), title="t", starts={"best_raven": str(start_json)})
+    module_spec = importlib.util.spec_from_file_location("world_report", os.path.join(ROOT, "scripts", "world_report.py"))
+    cli = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(cli)
+    for bad, message in (("best=x.json", "expected ode_init=EVAL_JSON"), ("ode_init=/nope.json", "is not a file")):
+        with pytest.raises(SystemExit):
+            cli.main(["--root", str(root), "--output", str(tmp_path / "r3.md"), "--start", bad])
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "r3.md").exists()
+
+
 def test_the_grids_evaluation_command_writes_its_json_whole(tmp_path):
     """evaluate_world.py (the grid's evaluation step) on the shipped world model, 2 prompts at 1x on CPU: the JSON the
     grid reads as "finished" appears complete, by an atomic rename, with no temporary file left beside it."""

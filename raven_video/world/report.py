@@ -17,7 +17,7 @@ from raven_video.utils.atomic import atomic_folder
 from raven_video.world.grid import CLAIMS, STATE_FILE, Claim
 
 __all__ = ["load_runs", "archive_results", "method_scores", "mean_std", "welch", "verdict", "write_report", "steps_reached", "CURVE_KEYS",
-           "ALPHA"]
+           "ALPHA", "gain_rows", "gain_verdict"]
 
 ALPHA = 0.05
 LENGTHS = ("1x", "2x", "4x")
@@ -27,29 +27,47 @@ _WINDOW = re.compile(r"^window(\d+)/(.+)$")
 FRAMES_PER_WINDOW, FPS = 81, 16.0
 
 
-def load_runs(root: str) -> dict:
+def load_runs(root: str, starts: dict[str, str] | None = None) -> dict:
     """``grid.json``'s runs, each with ``evaluation`` (the eval JSON's ``student`` entry or ``None``); relative
-    ``eval`` / ``output_dir`` paths (an :func:`archive_results` copy) are resolved against ``root``."""
+    ``eval`` / ``output_dir`` paths (an :func:`archive_results` copy) are resolved against ``root``.
+
+    ``state["starts"]``: the checkpoints CM-GRPO runs start from (``ode_init``, ``best_raven``), each with the
+    ``evaluation`` of the start itself, for the gain tables. ``starts`` (name -> evaluation JSON) adds or replaces
+    entries; without one, ``best_raven`` falls back to the evaluation of the grid run it was exported from."""
     with open(os.path.join(root, STATE_FILE), encoding="utf-8") as handle:
         state = json.load(handle)
     for entry in state["runs"].values():
         for key in ("eval", "output_dir"):
             if entry.get(key) and not os.path.isabs(entry[key]):
                 entry[key] = os.path.join(root, entry[key])
-        path = entry.get("eval")
-        entry["evaluation"] = None
-        if path and os.path.isfile(path):
-            with open(path, encoding="utf-8") as handle:
-                entry["evaluation"] = json.load(handle).get("student")
+        entry["evaluation"] = _student(entry.get("eval"))
+    known = state.setdefault("starts", {})
+    for name, path in (starts or {}).items():
+        known[name] = {"eval": os.path.abspath(path)}
+    best = state.get("best_raven") or {}
+    if "best_raven" not in known and best.get("run") in state["runs"]:
+        known["best_raven"] = {"eval": state["runs"][best["run"]].get("eval")}
+    for entry in known.values():
+        if entry.get("eval") and not os.path.isabs(entry["eval"]):
+            entry["eval"] = os.path.join(root, entry["eval"])
+        entry["evaluation"] = _student(entry.get("eval"))
     return state
 
 
-def archive_results(root: str, dest: str) -> int:
+def _student(path: str | None) -> dict | None:
+    if not path or not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle).get("student")
+
+
+def archive_results(root: str, dest: str, starts: dict[str, str] | None = None) -> int:
     """Copy what the report reads into ``dest``, self-contained and small enough to commit beside it: ``grid.json``
     (``eval`` and ``output_dir`` relative to ``dest``; checkpoints and logs are not copied, their paths stay as
-    run), each evaluation JSON and each run's logged curves (``step`` and :data:`CURVE_KEYS`). Returns the runs
-    copied; ``write_report(dest, ...)`` then gives the same tables, tests and figures as from ``root``."""
-    state = load_runs(root)
+    run), each evaluation JSON (the starts' as ``eval/start-<name>.json``) and each run's logged curves (``step`` and
+    :data:`CURVE_KEYS`). Returns the runs copied; ``write_report(dest, ...)`` then gives the same tables, tests and
+    figures as from ``root`` with the same ``starts``."""
+    state = load_runs(root, starts)
     keys = {"step", *(k for stage_keys in CURVE_KEYS.values() for k in stage_keys)}
     with atomic_folder(dest, overwrite=True) as folder:  # nothing half-written is left behind
         return _archive(state, str(folder), keys)
@@ -57,6 +75,12 @@ def archive_results(root: str, dest: str) -> int:
 
 def _archive(state: dict, dest: str, keys: set) -> int:
     os.makedirs(os.path.join(dest, "eval"), exist_ok=True)
+    for name, entry in state["starts"].items():
+        evaluation = entry.pop("evaluation")
+        if evaluation is not None:
+            with open(os.path.join(dest, "eval", f"start-{name}.json"), "w", encoding="utf-8") as handle:
+                json.dump({"student": evaluation}, handle, indent=1, sort_keys=True)
+            entry["eval"] = f"eval/start-{name}.json"
     for name, entry in state["runs"].items():
         evaluation = entry.pop("evaluation")
         if evaluation is not None:
@@ -112,6 +136,41 @@ def welch(a: list[float], b: list[float]) -> tuple[float, float]:
         return float("nan"), float("nan")
     result = ttest_ind(a, b, equal_var=False)
     return float(result.statistic), float(result.pvalue)
+
+
+def gain_verdict(after: list[float], start: float | None, p: float, alpha: float = ALPHA) -> str:
+    """``improves`` / ``worsens`` (the runs' mean above / below the start's score, one-sample p < alpha), ``not
+    measured`` (no start score or no run), else ``inconclusive``."""
+    if start is None or not after:
+        return "not measured"
+    if len(after) < 2 or not math.isfinite(p) or p >= alpha:
+        return "inconclusive"
+    return "improves" if np.mean(after) > start else "worsens"
+
+
+def gain_rows(state: dict, group: str, metric: str = "world_score") -> list[dict]:
+    """For each CM-GRPO method of ``group`` and each length: the start checkpoint's score (one evaluation), the runs'
+    scores after CM-GRPO, the gain and a one-sample t-test of the runs against the start
+    (``scipy.stats.ttest_1samp``; nan for fewer than 2 runs)."""
+    from scipy.stats import ttest_1samp
+
+    rows = []
+    for method, runs in methods_of(state, group).items():
+        names = {state["runs"][n].get("start") for n in runs if state["runs"][n].get("stage") == "cm_grpo"}
+        if len(names) != 1:
+            continue
+        start = names.pop()
+        evaluation = (state.get("starts", {}).get(start) or {}).get("evaluation") or {}
+        for length in LENGTHS:
+            after = method_scores(state, runs, length, metric)
+            before = evaluation.get(length, {}).get(metric)
+            t, p = float("nan"), float("nan")
+            if before is not None and len(after) >= 2 and np.std(after) > 0:
+                result = ttest_1samp(after, before)
+                t, p = float(result.statistic), float(result.pvalue)
+            rows.append({"method": method, "start": start, "length": length, "before": before, "after": after,
+                         "t": t, "p": p, "verdict": gain_verdict(after, before, p)})
+    return rows
 
 
 def verdict(a: list[float], b: list[float], p: float, alpha: float = ALPHA) -> str:
@@ -210,7 +269,8 @@ def plot_training_curves(state: dict, group: str, path: str, smooth: int = 20) -
                 drawn = True
         ax.set_title(key)
         ax.set_xlabel("step")
-        ax.legend(fontsize=7)
+        if ax.lines:
+            ax.legend(fontsize=7)
     if drawn:
         fig.suptitle(f"{group}: training curves (moving mean of {smooth} logged values)", fontsize=9)
         fig.tight_layout()
@@ -239,10 +299,12 @@ def steps_reached(entry: dict) -> int | None:
     return max(steps) if steps else None
 
 
-def write_report(root: str, output: str, claims=CLAIMS, note: str | None = None, title: str | None = None) -> str:
+def write_report(root: str, output: str, claims=CLAIMS, note: str | None = None, title: str | None = None,
+                 starts: dict[str, str] | None = None) -> str:
     """Write the markdown (and its PNGs in ``<output stem>_figures/``); returns the markdown text. ``note``: markdown
-    placed under the title (what was run, what is missing); ``title``: the heading (default: the grid's folder)."""
-    state = load_runs(root)
+    placed under the title (what was run, what is missing); ``title``: the heading (default: the grid's folder);
+    ``starts``: evaluation JSONs of the CM-GRPO start checkpoints (see :func:`load_runs`)."""
+    state = load_runs(root, starts)
     metrics = _summary_metrics(state)
     out_dir = os.path.dirname(os.path.abspath(output))
     stem = os.path.splitext(os.path.basename(output))[0]
@@ -290,6 +352,20 @@ def write_report(root: str, output: str, claims=CLAIMS, note: str | None = None,
             path = os.path.join(figures, f"{group}_{kind}.png")
             if plot(state, group, path):
                 lines += [f"![{group}: {kind.replace('_', ' ')}]({os.path.relpath(path, out_dir)})", ""]
+        gains = gain_rows(state, group)
+        if any(row["before"] is not None for row in gains):
+            lines += ["Gain over the start checkpoint (world score; the start is one evaluation, the runs are tested "
+                      "against it with a one-sample t-test):", "",
+                      "| method | start | length | start score | after CM-GRPO | gain | t | p | verdict |",
+                      "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+            for row in gains:
+                before = row["before"]
+                mean = mean_std(row["after"])[0]
+                gain = f"{mean - before:+.3f}" if before is not None and math.isfinite(mean) else "–"
+                lines.append(f"| {row['method']} | {row['start']} | {row['length']} | "
+                             f"{'–' if before is None else f'{before:.3f}'} | {_fmt(*mean_std(row['after']))} | {gain} | "
+                             f"{row['t']:.2f} | {row['p']:.3g} | {row['verdict']} |")
+            lines.append("")
         group_claims = [c for c in claims if c.group == group]
         if group_claims:
             lines += ["Claims (world score; verdict at the claim's length in bold):", "",
