@@ -9,7 +9,7 @@ Prints ONE JSON line: fps, first_chunk_latency_s, per_chunk_ms, dit_only_s, peak
     python benchmarks/stream.py                  # H100/H200
     python benchmarks/stream.py --tiny           # CPU smoke test of the script itself
     python benchmarks/stream.py --mode realtime-selfattn-fa4 --devices cuda:0,cuda:1      # FA4, VAE on a 2nd GPU
-    python benchmarks/stream.py --mode realtime --num_frames 961 --local_attn_size 21 --sink_size 3   # one minute
+    python benchmarks/stream.py --mode realtime --num_frames 969 --local_attn_size 21 --sink_size 3   # one minute
     python benchmarks/stream.py --mode realtime --model raven_video/world/weights/pipeline \
         --prompt "a red circle moves right quickly, on a black background"   # a trained folder, prompt encoded per stream
 """
