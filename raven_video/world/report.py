@@ -243,7 +243,8 @@ def plot_error_vs_time(state: dict, group: str, path: str, length: str = "4x", m
 
 
 def plot_training_curves(state: dict, group: str, path: str, smooth: int = 20) -> bool:
-    """One panel per logged key: each run's curve (moving mean over ``smooth`` logged values), one colour per method."""
+    """One panel per logged key: each run's curve (moving mean over ``smooth`` logged values, fewer for short runs so
+    that the first sixth of the curve still shows), one colour per method."""
     plt = _plt()
     methods = methods_of(state, group)
     stages = {state["runs"][n].get("stage") for runs in methods.values() for n in runs}
@@ -262,7 +263,7 @@ def plot_training_curves(state: dict, group: str, path: str, smooth: int = 20) -
                 if not points:
                     continue
                 steps, values = map(np.asarray, zip(*points))
-                width = max(1, min(smooth, len(values)))
+                width = max(1, min(smooth, len(values) // 6))
                 values = np.convolve(values, np.ones(width) / width, mode="valid")
                 ax.plot(steps[width - 1:], values, color=colours[i % len(colours)], lw=0.8,
                         label=method if j == 0 else None)
@@ -272,7 +273,7 @@ def plot_training_curves(state: dict, group: str, path: str, smooth: int = 20) -
         if ax.lines:
             ax.legend(fontsize=7)
     if drawn:
-        fig.suptitle(f"{group}: training curves (moving mean of {smooth} logged values)", fontsize=9)
+        fig.suptitle(f"{group}: training curves (moving mean of up to {smooth} logged values)", fontsize=9)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
     plt.close(fig)
