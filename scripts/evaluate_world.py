@@ -56,6 +56,9 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=None, help="processes scoring videos (default: up to 16)")
     p.add_argument("--output", required=True, help="JSON file to write (PNG strips go beside it)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--fp8", action="store_true",
+                   help="FP8 linear layers in --model's transformer blocks (raven_video/models/fp8.py; the same "
+                        "conversion as enable_realtime(fp8=True)): the world metrics with and without FP8")
     args = p.parse_args(argv)
     if not (args.model or args.teacher or args.references):
         p.error("nothing to evaluate: pass --model, --teacher and/or --references.")
@@ -71,6 +74,12 @@ def parse_args(argv=None):
         p.error(f"--student_guidance {args.student_guidance} must be >= 1 (1 = no guidance).")
     if not args.lengths or min(args.lengths) < 1 or args.num_prompts < 2:
         p.error(f"--lengths {args.lengths} must be >= 1 and --num_prompts {args.num_prompts} >= 2.")
+    if args.fp8:
+        from raven_video.models.fp8 import fp8_supported
+
+        ok, reason = fp8_supported(args.device) if args.model else (False, "it converts --model, and none is given")
+        if not ok:
+            p.error(f"--fp8 cannot run here: {reason}.")
     for name in ("model", "teacher", "encoder"):
         path = getattr(args, name)
         if path is not None and not os.path.isdir(path):
@@ -102,6 +111,11 @@ def main(argv=None):
         return report[name]
 
     student = load(args.model, args.device) if args.model else None
+    if student is not None and args.fp8:
+        from raven_video.models.fp8 import enable_fp8
+
+        report["student_fp8"] = enable_fp8(student.transformer)  # checked above: True here
+        print("student: FP8 linear layers in the transformer blocks", file=sys.stderr)
     teacher = load(args.teacher, args.device) if args.teacher else None
     if args.references:
         record("reference", reference)

@@ -519,3 +519,12 @@ def test_the_grids_evaluation_command_writes_its_json_whole(tmp_path):
     report = json.loads(output.read_text())
     assert 0.0 <= report["student"]["1x"]["world_score"] <= 1.0 and report["num_prompts"] == 2
     assert sorted(p.name for p in output.parent.iterdir()) == ["run-student-1x.png", "run.json"]
+    assert "student_fp8" not in report
+    # --fp8: the same evaluation with the blocks' linears in FP8 (emulated on CPU), said so in the JSON
+    fp8 = tmp_path / "eval" / "fp8.json"
+    cli.main(["--model", os.path.join(ROOT, "raven_video", "world", "weights", "pipeline"), "--output", str(fp8),
+              "--num_prompts", "2", "--lengths", "1", "--workers", "1", "--device", "cpu", "--fp8"])
+    report = json.loads(fp8.read_text())
+    assert report["student_fp8"] is True and 0.0 <= report["student"]["1x"]["world_score"] <= 1.0
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--teacher", str(tmp_path), "--output", str(fp8), "--fp8"])  # nothing to convert
