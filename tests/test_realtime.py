@@ -207,6 +207,42 @@ def test_two_device_split_validates_and_falls_back_with_one_log_line(eager_frame
     torch.testing.assert_close(out, eager_frames, rtol=0, atol=1e-5)
 
 
+def test_decode_on_another_gpu_defers_the_first_chunk_too(eager_frames, monkeypatch):
+    """With the decode on a second GPU, ``stream()`` queues chunk 1's transformer work before it waits for chunk 0's
+    frames (on one GPU chunk 0 goes out at once); every chunk still comes out once, in order, with the same frames."""
+    from raven_video.pipelines import pipeline_causal_wan as module
+    from raven_video.sampling.sampler import ChunkSampler
+
+    decoder = module._ChunkDecoder.__new__(module._ChunkDecoder)
+    decoder.stream, decoder.device = None, torch.device("cpu")
+    assert not decoder.defers(0, "cpu") and not decoder.defers(3, "cpu")  # no side stream: nothing deferred
+    decoder.stream = object()  # a side stream
+    assert not decoder.defers(0, "cpu") and decoder.defers(1, "cpu")  # same device: the first chunk at once
+    assert decoder.defers(0, "meta") and decoder.defers(1, "meta")  # another device: the first chunk deferred too
+
+    events = []
+    sample = ChunkSampler.sample
+
+    def spying_sample(self, *args, **kwargs):
+        for sampled in sample(self, *args, **kwargs):
+            events.append(("sampled", sampled.index))
+            yield sampled
+
+    monkeypatch.setattr(ChunkSampler, "sample", spying_sample)
+    monkeypatch.setattr(module._ChunkDecoder, "defers", lambda self, index, device: True)  # as with cuda:0 + cuda:1
+    pipe = tiny_pipeline(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    chunks = []
+    for chunk in pipe.stream("a cat walks", generator=torch.Generator().manual_seed(0), output_type="pt", **SIZE):
+        events.append(("yielded", chunk.index))
+        chunks.append(chunk)
+    count = len(chunks)
+    assert count > 2
+    expected = [("sampled", 0)] + [e for i in range(1, count) for e in (("sampled", i), ("yielded", i - 1))]
+    assert events == expected + [("yielded", count - 1)], events
+    torch.testing.assert_close(torch.cat([c.frames for c in chunks], dim=1), eager_frames, rtol=0, atol=1e-5)
+
+
 def test_fp8_realtime_path_stays_close_to_the_eager_one(eager_frames):
     """``enable_realtime(fp8=True)`` runs the blocks' linears through ``torch._scaled_mm`` (this CPU build has it):
     the frames move by FP8 rounding only."""

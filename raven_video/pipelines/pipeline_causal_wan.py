@@ -82,6 +82,13 @@ class _ChunkDecoder:
     def overlaps(self) -> bool:
         return self.stream is not None
 
+    def defers(self, index: int, device) -> bool:
+        """Whether chunk ``index`` is yielded only once the next chunk's transformer work is queued. With a side stream
+        every chunk but the first is; the first goes out at once (latency), unless the decode runs on another GPU than
+        the transformer's ``device``: waiting for it there would leave the transformer's GPU idle for a whole decode,
+        while queueing the next chunk first costs only the host time of queueing it."""
+        return self.overlaps and (index > 0 or self.device != torch.device(device))
+
     def submit(self, clean: torch.Tensor):
         if self.stream is None:
             return self.decoder.decode_chunk(clean.to(self.device, self.dtype))  # [B, 3, F_px, H, W] in [-1, 1]
@@ -522,10 +529,10 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                 pixel_start = 0 if index == 0 else (start - 1) * self.vae_scale_factor_temporal + 1
                 chunk = StreamChunk(index, decoder.submit(clean) if decoder else None, clean, pixel_start,
                                     current_prompt)
-                if decoder is not None and decoder.overlaps and index > 0:
+                if decoder is not None and decoder.defers(index, device):
                     pending = chunk  # yielded after the next chunk's DiT work is queued
                 else:
-                    yield finish(chunk)  # the first chunk goes out at once (latency)
+                    yield finish(chunk)
             if pending is not None:
                 yield finish(pending)
         self.maybe_free_model_hooks()
