@@ -5,6 +5,7 @@ convolution, pointwise/reduction, copies), for the transformer-only run (``outpu
 (VAE decode included). A development tool; numbers go to BENCHMARKS.md only through ``stream.py``.
 
     python benchmarks/profile_stream.py --mode realtime
+    python benchmarks/profile_stream.py --mode realtime --self_attention_kernel fa4 --fp8 --first_chunk
     python benchmarks/profile_stream.py --mode realtime --model raven_video/world/weights/pipeline --first_chunk
 """
 
@@ -64,6 +65,9 @@ def main():
     p.add_argument("--vae_conv", default=None)
     p.add_argument("--no_vae_fuse", action="store_true")
     p.add_argument("--no_cuda_graphs", action="store_true")
+    p.add_argument("--self_attention_kernel", default=None,
+                   help="realtime: enable_realtime(self_attention_kernel=...), e.g. fa4 (as stream.py's realtime-selfattn-fa4)")
+    p.add_argument("--fp8", action="store_true", help="realtime: enable_realtime(fp8=True)")
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--model", default=None, help="a CausalWanPipeline folder (as stream.py --model), native size")
     p.add_argument("--prompt", default=None, help="encode this prompt inside every stream (as stream.py --prompt)")
@@ -77,11 +81,13 @@ def main():
     text = torch.randn(1, 512, pipe.transformer.config.text_dim, device="cuda", dtype=torch.bfloat16)
     if args.mode == "realtime":
         pipe.enable_realtime(vae_conv=args.vae_conv, vae_fuse=not args.no_vae_fuse,
-                             cuda_graphs=not args.no_cuda_graphs)
+                             cuda_graphs=not args.no_cuda_graphs, self_attention_kernel=args.self_attention_kernel,
+                             fp8=args.fp8)
     for _ in range(3):  # compile, CUDA-graph capture, one replay
         run_once(pipe, text, args, "cuda", "pt")
     result = {"benchmark": "profile_stream", "mode": args.mode, "vae_conv": args.vae_conv,
-              "vae_fuse": not args.no_vae_fuse, "cuda_graphs": not args.no_cuda_graphs}
+              "vae_fuse": not args.no_vae_fuse, "cuda_graphs": not args.no_cuda_graphs,
+              "self_attention_kernel": args.self_attention_kernel, "fp8": args.fp8}
     for output_type in ("latent", "pt"):
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             run_once(pipe, text, args, "cuda", output_type)
