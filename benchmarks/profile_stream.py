@@ -62,7 +62,7 @@ def kernel_table(prof, top: int) -> dict:
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--mode", default="realtime", choices=("eager", "realtime"))
-    p.add_argument("--vae_conv", default=None)
+    p.add_argument("--vae_conv", default="conv3d")
     p.add_argument("--no_vae_fuse", action="store_true")
     p.add_argument("--no_cuda_graphs", action="store_true")
     p.add_argument("--self_attention_kernel", default=None,

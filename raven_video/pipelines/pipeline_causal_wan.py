@@ -82,12 +82,16 @@ class _ChunkDecoder:
     def overlaps(self) -> bool:
         return self.stream is not None
 
+    def elsewhere(self, device) -> bool:
+        """Whether the decode runs on a side stream of another GPU than the transformer's ``device``
+        (``enable_realtime(devices=...)``)."""
+        return self.overlaps and self.device != torch.device(device)
+
     def defers(self, index: int, device) -> bool:
-        """Whether chunk ``index`` is yielded only once the next chunk's transformer work is queued. With a side stream
-        every chunk but the first is; the first goes out at once (latency), unless the decode runs on another GPU than
-        the transformer's ``device``: waiting for it there would leave the transformer's GPU idle for a whole decode,
-        while queueing the next chunk first costs only the host time of queueing it."""
-        return self.overlaps and (index > 0 or self.device != torch.device(device))
+        """Whether chunk ``index`` is yielded only once the next chunk's transformer work is queued: with a side stream
+        every chunk but the first is; the first goes out at once (latency), unless the decode runs elsewhere, where
+        waiting for it would leave the transformer's GPU idle for a whole decode."""
+        return self.overlaps and (index > 0 or self.elsewhere(device))
 
     def submit(self, clean: torch.Tensor):
         if self.stream is None:
@@ -507,10 +511,15 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         current_prompt = [prompt] * batch if isinstance(prompt, str) else (list(prompt) if prompt else None)
         last_yield = time.perf_counter()
         pending = None  # a chunk whose decode runs on the side stream while the next chunk's DiT work is queued
+        # with the decode on another GPU, a chunk's decode is even launched only once the next chunk's DiT work is
+        # queued, so that the host time of launching it does not delay that work
+        launch_late = decoder is not None and decoder.elsewhere(device)
 
         def finish(chunk):
             nonlocal last_yield
             if decoder is not None:
+                if chunk.frames is None:  # launch_late
+                    chunk.frames = decoder.submit(chunk.latents)
                 chunk.frames = decoder.result(chunk.frames)
             now = time.perf_counter()
             chunk.seconds, last_yield = now - last_yield, now
@@ -527,7 +536,8 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                     yield finish(pending)
                     pending = None
                 pixel_start = 0 if index == 0 else (start - 1) * self.vae_scale_factor_temporal + 1
-                chunk = StreamChunk(index, decoder.submit(clean) if decoder else None, clean, pixel_start,
+                launch = decoder is not None and not launch_late
+                chunk = StreamChunk(index, decoder.submit(clean) if launch else None, clean, pixel_start,
                                     current_prompt)
                 if decoder is not None and decoder.defers(index, device):
                     pending = chunk  # yielded after the next chunk's DiT work is queued
