@@ -47,7 +47,8 @@ class StreamChunk:
     Attributes:
         index: chunk index (0-based).
         frames: decoded frames of this chunk, in the ``output_type`` format (``np``: ``[B, F, H, W, 3]`` in [0, 1];
-            ``pt``: ``[B, F, 3, H, W]``; ``latent``: ``None``).
+            ``pt``: ``[B, F, 3, H, W]``; ``latent``: ``None``), complete when the chunk is yielded (``seconds`` is
+            the time they took).
         latents: the chunk's clean latents ``[B, 16, f, h, w]`` (normalised, as produced by the transformer).
         frame_start: index of the chunk's first pixel frame in the video.
         prompt: the prompt(s) in force for this chunk.
@@ -82,16 +83,12 @@ class _ChunkDecoder:
     def overlaps(self) -> bool:
         return self.stream is not None
 
-    def elsewhere(self, device) -> bool:
-        """Whether the decode runs on a side stream of another GPU than the transformer's ``device``
-        (``enable_realtime(devices=...)``)."""
-        return self.overlaps and self.device != torch.device(device)
-
     def defers(self, index: int, device) -> bool:
-        """Whether chunk ``index`` is yielded only once the next chunk's transformer work is queued: with a side stream
-        every chunk but the first is; the first goes out at once (latency), unless the decode runs elsewhere, where
-        waiting for it would leave the transformer's GPU idle for a whole decode."""
-        return self.overlaps and (index > 0 or self.elsewhere(device))
+        """Whether chunk ``index`` is yielded only once the next chunk's transformer work is queued. With a side stream
+        every chunk but the first is; the first goes out at once (latency), unless the decode runs on another GPU than
+        the transformer's ``device``: waiting for it there would leave the transformer's GPU idle for a whole decode,
+        while queueing the next chunk first costs only the host time of queueing it."""
+        return self.overlaps and (index > 0 or self.device != torch.device(device))
 
     def submit(self, clean: torch.Tensor):
         if self.stream is None:
@@ -109,13 +106,22 @@ class _ChunkDecoder:
         return pixels, done
 
     def result(self, handle):
-        if self.stream is not None:
-            pixels, done = handle
-            done.synchronize()
-            pixels.record_stream(torch.cuda.current_stream(pixels.device))
-        else:
-            pixels = handle
-        return self.video_processor.postprocess_video(pixels, output_type=self.output_type)
+        """The chunk's frames, complete: a CUDA ``pt`` result is waited for, as the other formats are by their host copy."""
+        if self.stream is None:
+            frames = self.video_processor.postprocess_video(handle, output_type=self.output_type)
+            if isinstance(frames, torch.Tensor) and frames.is_cuda:
+                torch.cuda.current_stream(frames.device).synchronize()
+            return frames
+        pixels, done = handle
+        done.synchronize()
+        # post-processed on the decode's own stream, idle now: the current stream may already hold the next chunk's
+        # transformer work, and frames post-processed behind it would be late by a whole chunk
+        with torch.cuda.device(pixels.device), torch.cuda.stream(self.stream):
+            frames = self.video_processor.postprocess_video(pixels, output_type=self.output_type)
+            if isinstance(frames, torch.Tensor):
+                self.stream.synchronize()
+                frames.record_stream(torch.cuda.current_stream(pixels.device))  # the caller's stream uses them next
+        return frames
 
 
 class _EncodedSchedule(Mapping):
@@ -511,15 +517,10 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         current_prompt = [prompt] * batch if isinstance(prompt, str) else (list(prompt) if prompt else None)
         last_yield = time.perf_counter()
         pending = None  # a chunk whose decode runs on the side stream while the next chunk's DiT work is queued
-        # with the decode on another GPU, a chunk's decode is even launched only once the next chunk's DiT work is
-        # queued, so that the host time of launching it does not delay that work
-        launch_late = decoder is not None and decoder.elsewhere(device)
 
         def finish(chunk):
             nonlocal last_yield
             if decoder is not None:
-                if chunk.frames is None:  # launch_late
-                    chunk.frames = decoder.submit(chunk.latents)
                 chunk.frames = decoder.result(chunk.frames)
             now = time.perf_counter()
             chunk.seconds, last_yield = now - last_yield, now
@@ -536,8 +537,7 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                     yield finish(pending)
                     pending = None
                 pixel_start = 0 if index == 0 else (start - 1) * self.vae_scale_factor_temporal + 1
-                launch = decoder is not None and not launch_late
-                chunk = StreamChunk(index, decoder.submit(clean) if launch else None, clean, pixel_start,
+                chunk = StreamChunk(index, decoder.submit(clean) if decoder else None, clean, pixel_start,
                                     current_prompt)
                 if decoder is not None and decoder.defers(index, device):
                     pending = chunk  # yielded after the next chunk's DiT work is queued
