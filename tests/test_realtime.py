@@ -183,6 +183,38 @@ def test_cuda_graph_capture_builds_no_rope_table_and_keeps_the_ones_it_reads(mon
     torch.testing.assert_close(first[0], build([3, 4, 5], 2, 3, "cpu")[0], rtol=0, atol=0)  # ... still held, intact
 
 
+def test_text_kv_cached_up_front_so_the_first_forward_can_be_a_graph(eager_frames, monkeypatch):
+    """``transformer.cache_text`` fills the cache's text K/V as the first streaming forward would (same K/V, same
+    output after it); the CUDA-graph denoiser calls it once per stream, so no streaming forward has to run eagerly."""
+    model = tiny_pipeline(seed=0).transformer
+    torch.manual_seed(0)
+    latents, text = torch.randn(1, 16, 3, 4, 6), torch.randn(1, 7, 32)
+    with torch.no_grad():
+        first = model.new_kv_cache(1, 4, 6, max_frames=6)
+        expected = model(latents, torch.full((1,), 500.0), text, kv_cache=first).sample
+        upfront = model.new_kv_cache(1, 4, 6, max_frames=6)
+        model.cache_text(text, upfront)
+        assert upfront.has_text
+        out = model(latents, torch.full((1,), 500.0), None, kv_cache=upfront).sample
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    for a, b in zip(first.text_keys + first.text_values, upfront.text_keys + upfront.text_values):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    pipe = tiny_pipeline(seed=0).enable_realtime(compile=False, cudnn_benchmark=False, cuda_graphs=True)
+    pipe.set_progress_bar_config(disable=True)
+    calls, texts = [], []
+    cache_text = type(pipe.transformer).cache_text
+    monkeypatch.setattr(type(pipe.transformer), "cache_text", lambda self, *a: (calls.append(1), cache_text(self, *a)))
+    forward = type(pipe.transformer).forward
+    monkeypatch.setattr(type(pipe.transformer), "forward",
+                        lambda self, *a, **k: (texts.append(a[2] if len(a) > 2 else k.get("encoder_hidden_states")),
+                                               forward(self, *a, **k))[1])
+    for _ in range(2):
+        out = pipe("a cat walks", generator=torch.Generator().manual_seed(0), output_type="pt", **SIZE).frames
+        torch.testing.assert_close(out, eager_frames, rtol=0, atol=1e-5)
+    assert len(calls) == 2 and texts and all(t is None for t in texts)  # once per stream; no forward given text
+
+
 def test_two_device_split_validates_and_falls_back_with_one_log_line(eager_frames, caplog):
     """``enable_realtime(devices=(dit, vae))``: on this CPU-only machine a missing second GPU is one log line and the
     outputs are the eager ones; malformed device pairs are clear errors."""

@@ -380,6 +380,15 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         """Latent frames per chunk for a video of ``num_frames`` latent frames (validates the fit)."""
         return chunk_sizes(num_frames, self.config.num_frames_per_block, self.config.num_frames_first_block)
 
+    @torch.no_grad()
+    def cache_text(self, encoder_hidden_states: torch.Tensor, kv_cache: WanKVCache) -> None:
+        """Put a prompt's cross-attention text K/V into ``kv_cache`` up front, as the first streaming forward would
+        inside its blocks: every streaming forward, the first included, can then run without text (and be replayed as
+        a CUDA graph, :mod:`raven_video.pipelines.cuda_graphs`). ``encoder_hidden_states``: ``[B, 512, text_dim]``."""
+        text = self.condition_embedder.text_embedder(encoder_hidden_states)
+        for index, block in enumerate(self.blocks):
+            kv_cache.layer(index, None).set_text(*block.attn2.processor.text_kv(block.attn2, text))
+
     def new_kv_cache(
         self,
         batch_size: int,

@@ -72,6 +72,11 @@ class StreamingGraphs:
                  frame_offset: int, update_cache: bool = False) -> torch.Tensor:
         """``transformer(latents, timestep, text, kv_cache=cache, frame_offset=..., update_cache=...).sample``."""
         model_in = latents.to(self.transformer.dtype)
+        if text is not None and cache is self.cache and cache.cache_text and not cache.has_text \
+                and not torch.is_grad_enabled():
+            # the prompt's text K/V first: the stream's first forward is then a graph replay too, not an eager forward
+            self.transformer.cache_text(text, cache)
+            text = None
 
         def eager():
             return self.transformer(model_in, timestep, text, kv_cache=cache, frame_offset=frame_offset,
