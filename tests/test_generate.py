@@ -187,3 +187,55 @@ def test_stale_partial_files_are_cleaned_and_live_ones_kept(tmp_path):
     live.write_bytes(b"partial")
     generate.main(["a cat", "--output_dir", str(out), *SMALL])
     assert not stale.exists() and live.exists()
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--fp8"], "--fp8 are real-time options of --stream; add --stream"),
+    (["--stream", "--eager", "--self_attention_kernel", "fa4"], "turns off; drop --eager"),
+    (["--stream", "--preview"], "--preview: the tiny random stand-in model has no preview_decoder/ folder"),
+    (["--stream", "--preview_decoder", "/nonexistent/taew2_1.safetensors"], "does not exist"),
+    (["--stream", "--preview", "--preview_decoder", "x.safetensors"], "give one of them"),
+    (["--stream", "--vae_device", "gpu:1"], "--vae_device 'gpu:1' is not a device"),
+])
+def test_realtime_levers_fail_before_loading(tmp_path, monkeypatch, argv, match):
+    _no_load(monkeypatch)
+    with pytest.raises(SystemExit, match=match):
+        generate.main(["a cat", *argv, "--output_dir", str(tmp_path)])
+
+
+def test_pickle_preview_decoder_is_refused(tmp_path, monkeypatch):
+    _no_load(monkeypatch)
+    pth = tmp_path / "taew2_1.pth"
+    pth.write_bytes(b"not loaded")
+    with pytest.raises(SystemExit, match="pickle files such as .pth are not loaded"):
+        generate.main(["a cat", "--stream", "--preview_decoder", str(pth), "--output_dir", str(tmp_path / "o")])
+
+
+def test_realtime_levers_on_cpu(tmp_path, caplog):
+    """The levers reach enable_realtime from the command line: on this CPU the GPU-only ones fall back with one log
+    line each and change nothing; --preview decodes with the model folder's preview decoder (TAEHV), the frames its
+    own decode of the same latents."""
+    from raven_video.pipelines.preview_decoder import TAEHVDecoder
+
+    folder = tmp_path / "model"
+    tiny_pipeline().save_pretrained(folder)
+    torch.manual_seed(0)
+    TAEHVDecoder().save_pretrained(folder / "preview_decoder")
+    plain = generate.main(["a cat", "--model", str(folder), "--stream", "--output_dir", str(tmp_path / "a"), *SMALL])[0]
+    caplog.set_level("INFO")
+    fallback = generate.main(["a cat", "--model", str(folder), "--stream", "--self_attention_kernel", "fa4",
+                              "--vae_device", "cuda:1", "--output_dir", str(tmp_path / "b"), *SMALL])[0]
+    assert "self-attention kernel 'fa4' unavailable" in caplog.text
+    assert "enable_realtime(devices=('cpu', 'cuda:1')): cuda:1 is not available here; decoding on cpu" in caplog.text
+    assert (iio.imread(plain, plugin="pyav") == iio.imread(fallback, plugin="pyav")).all()
+    preview = generate.main(["a cat", "--model", str(folder), "--stream", "--preview", "--output_dir",
+                             str(tmp_path / "c"), *SMALL])[0]
+    frames = iio.imread(preview, plugin="pyav")
+    assert frames.shape[:3] == (33, 32, 48) and not (frames == iio.imread(plain, plugin="pyav")).all()
+    pipe = tiny_pipeline().enable_realtime(compile=False, cuda_graphs=False, cudnn_benchmark=False,
+                                           preview_decoder=str(folder / "preview_decoder"))
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe("a cat", generator=torch.Generator().manual_seed(0), num_frames=33, height=32, width=48,
+                    output_type="np").frames[0]
+    expected = (expected * 255).round().astype("uint8")
+    assert abs(frames.astype(int) - expected).mean() < 3  # the mp4's lossy coding only

@@ -395,8 +395,8 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                              f"pipe.to({str(dit)!r}) first.")
         missing = vae.type == "cuda" and (not torch.cuda.is_available() or (vae.index or 0) >= torch.cuda.device_count())
         if missing or vae.type not in ("cuda", "cpu"):
-            logger.warning("enable_realtime(devices=%s): %s is not available here; decoding on %s", tuple(devices),
-                           vae, dit)
+            logger.warning("enable_realtime(devices=%s): %s is not available here; decoding on %s",
+                           tuple(str(d) for d in devices), vae, dit)
             return
         if vae != dit:
             self.vae.to(vae)
@@ -414,7 +414,8 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         if not isinstance(preview, TAEHVDecoder):
             raise TypeError(f"preview_decoder must be a TAEHVDecoder or a .safetensors path, not {type(preview).__name__}.")
         reference = self.vae if self.vae is not None else self.transformer
-        return preview.to(device=self._decode_device or reference.device, dtype=reference.dtype).eval()
+        # nn.Module.to: diffusers' ModelMixin.to(dtype=...) warns about float32-kept modules, which TAEHV has none of
+        return torch.nn.Module.to(preview, device=self._decode_device or reference.device, dtype=reference.dtype).eval()
 
     @property
     def _transformer_device(self) -> torch.device:
