@@ -361,6 +361,32 @@ def test_main_falls_back_to_the_tiny_pipeline(monkeypatch, capsys, pipe):
         demo.main(["--guidance_scale", "0.5"])
 
 
+def test_main_takes_the_real_time_levers(monkeypatch, tmp_path, pipe):
+    """generate.py's lever flags: the GPU ones need --realtime, --preview serves the model folder's preview decoder
+    (on CPU, without the compiled path); a missing one is an error before any weight loads."""
+    import uvicorn
+
+    from raven_video import demo
+    from raven_video.cli import generate
+    from raven_video.pipelines.preview_decoder import TAEHVDecoder
+
+    served = {}
+    monkeypatch.setattr(generate, "shipped_model", lambda: None)
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kw: served.update(app=app))
+    with pytest.raises(SystemExit, match="--fp8, --vae_device are options of the real-time path; add --realtime"):
+        demo.main(["--fp8", "--vae_device", "cuda:1"])
+    monkeypatch.setattr(generate, "load_pipeline", lambda args: pytest.fail("loaded before the levers were checked"))
+    with pytest.raises(SystemExit, match="--preview: the tiny random stand-in model has no preview_decoder/ folder"):
+        demo.main(["--preview"])
+    monkeypatch.undo()
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kw: served.update(app=app))
+    pipe.save_pretrained(tmp_path / "model")
+    TAEHVDecoder().save_pretrained(tmp_path / "model" / "preview_decoder")
+    demo.main(["--model", str(tmp_path / "model"), "--device", "cpu", "--preview", "--no_video"])
+    served_pipe = served["app"].state.demo.pipe
+    assert isinstance(served_pipe._preview_decoder, TAEHVDecoder) and served_pipe._overlap_decode is False
+
+
 def test_load_demo_pipeline_from_folder(tmp_path, pipe):
     from raven_video.demo import load_demo_pipeline
 

@@ -69,9 +69,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "torch.compile, CUDA graphs per chunk position, a fused VAE decoder overlapped on a second "
                         "stream). The first two videos then pay no compilation / graph-capture time.")
     p.add_argument("--revision", default=None, help="Hub revision for --model.")
-    levers = p.add_argument_group(
-        "real-time levers", "pipe.enable_realtime() options for --stream (speeds: BENCHMARKS.md). Each falls back "
-        "with one log line where its package or GPU is missing; on CPU they run without the compiled path.")
+    add_lever_arguments(p, "for --stream")
+    return p.parse_args(argv)
+
+
+LEVER_FLAGS = ("self_attention_kernel", "fp8", "preview", "preview_decoder", "vae_device")
+
+
+def add_lever_arguments(parser: argparse.ArgumentParser, when: str) -> None:
+    """The ``enable_realtime`` levers as flags (generate.py and raven-demo)."""
+    levers = parser.add_argument_group(
+        "real-time levers", f"pipe.enable_realtime() options {when} (speeds: BENCHMARKS.md). Each falls back with one "
+        "log line where its package or GPU is missing.")
     levers.add_argument("--self_attention_kernel", default=None, choices=["fa4", "cudnn", "flash", "efficient", "math",
                                                                           "fa3"],
                         help="Kernel of the streaming self-attention: fa4 = FlashAttention-4 (pip install "
@@ -86,35 +95,21 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "taew2_1) or a TAEHVDecoder folder (train_preview_decoder.py).")
     levers.add_argument("--vae_device", default=None,
                         help="Decode on this second GPU (e.g. cuda:1), overlapped with the transformer's work.")
-    return p.parse_args(argv)
 
 
-def realtime_levers(args) -> dict:
-    """The ``enable_realtime`` options the flags ask for (``--preview`` resolved to ``--preview_decoder`` by
-    :func:`check_levers`)."""
+def given_levers(args) -> list[str]:
+    return [f"--{name}" for name in LEVER_FLAGS if getattr(args, name)]
+
+
+def check_levers(args, model: str | None) -> dict:
+    """The ``enable_realtime`` options the lever flags ask for, checked before any weight loads: ``--preview`` resolved
+    to ``model``'s own ``preview_decoder/`` folder, which must exist like any ``--preview_decoder`` path. ``devices``
+    holds ``(None, vae_device)`` until :func:`apply_levers` knows the transformer's device."""
     levers = {}
     if args.self_attention_kernel:
         levers["self_attention_kernel"] = args.self_attention_kernel
     if args.fp8:
         levers["fp8"] = True
-    if args.preview_decoder:
-        levers["preview_decoder"] = args.preview_decoder
-    if args.vae_device:
-        levers["devices"] = (None, args.vae_device)  # the transformer's device is known once the model is loaded
-    return levers
-
-
-def check_levers(args) -> None:
-    """The real-time flags: only with --stream and without --eager; ``--preview`` resolved to the model's own
-    ``preview_decoder/`` folder (as ``--preview_decoder``), which must exist like any ``--preview_decoder`` path."""
-    given = [f"--{name}" for name in ("self_attention_kernel", "fp8", "preview", "preview_decoder", "vae_device")
-             if getattr(args, name)]
-    if not given:
-        return
-    if not args.stream:
-        raise UsageError(f"{', '.join(given)} are real-time options of --stream; add --stream.")
-    if args.eager:
-        raise UsageError(f"{', '.join(given)} need the real-time path, which --eager turns off; drop --eager.")
     if args.vae_device is not None:
         try:
             import torch
@@ -122,18 +117,19 @@ def check_levers(args) -> None:
             torch.device(args.vae_device)
         except (RuntimeError, ValueError):
             raise UsageError(f"--vae_device {args.vae_device!r} is not a device; use cuda:N.") from None
+        levers["devices"] = (None, args.vae_device)
     if args.preview and args.preview_decoder:
         raise UsageError("--preview uses the model's own preview decoder, --preview_decoder PATH another one; give "
                          "one of them.")
     if args.preview:
-        kind = model_kind(args.model)
-        folder = os.path.join(args.model, "preview_decoder") if kind == "folder" else None
+        kind = model_kind(model)
+        folder = os.path.join(model, "preview_decoder") if kind == "folder" else None
         if folder is None or not os.path.isdir(folder):
-            what = {"default": "the tiny random stand-in model", "hub": f"the Hub model {args.model!r}"}.get(
-                kind, f"--model {args.model!r}")
+            what = {"default": "the tiny random stand-in model", "hub": f"the Hub model {model!r}"}.get(
+                kind, f"--model {model!r}")
             raise UsageError(f"--preview: {what} has no preview_decoder/ folder; pass one with --preview_decoder "
                              "FILE.safetensors or a TAEHVDecoder folder.")
-        args.preview_decoder = folder
+        levers["preview_decoder"] = folder
     elif args.preview_decoder is not None:
         path = args.preview_decoder
         if not os.path.exists(path):
@@ -142,6 +138,20 @@ def check_levers(args) -> None:
         if not (os.path.isdir(path) or path.endswith(".safetensors")):
             raise UsageError(f"--preview_decoder {path!r}: pass a .safetensors file or a TAEHVDecoder folder (pickle "
                              "files such as .pth are not loaded; convert them to safetensors).")
+        levers["preview_decoder"] = path
+    return levers
+
+
+def apply_levers(pipe, levers: dict, compiled: bool) -> None:
+    """``pipe.enable_realtime(**levers)``: the whole real-time path when ``compiled``, else the levers alone (no
+    compilation, CUDA graphs or fused CUDA decoder: a CPU, or a GPU without the real-time path)."""
+    if "devices" in levers:
+        levers = {**levers, "devices": (pipe.transformer.device, levers["devices"][1])}
+    if compiled:
+        pipe.enable_realtime(**levers)
+    elif levers:
+        pipe.enable_realtime(compile=False, overlap_decode=False, cudnn_benchmark=False, vae_conv="diffusers",
+                             vae_fuse=False, cuda_graphs=False, **levers)
 
 
 def read_prompts(args) -> list[str]:
@@ -244,7 +254,12 @@ def check_args(args) -> dict:
         if value is not None and (value <= 0 or value % 16):
             raise UsageError(f"--{name} {value} must be a positive multiple of 16, e.g. {max(16, round(value / 16) * 16)}.")
     check_device(args.device)
-    check_levers(args)
+    given = given_levers(args)
+    if given and not args.stream:
+        raise UsageError(f"{', '.join(given)} are real-time options of --stream; add --stream.")
+    if given and args.eager:
+        raise UsageError(f"{', '.join(given)} need the real-time path, which --eager turns off; drop --eager.")
+    args.levers = check_levers(args, args.model)
     try:
         os.makedirs(args.output_dir, exist_ok=True)
     except OSError as err:
@@ -337,16 +352,11 @@ def main(argv=None) -> list[str]:
     if removed:
         logger.info(f"removed {removed} partial video file(s) left in {args.output_dir} by an interrupted run")
     pipe = load_pipeline(args)
-    levers = realtime_levers(args)
-    if "devices" in levers:
-        levers["devices"] = (pipe.transformer.device, levers["devices"][1])
-    if args.stream and not args.eager and pipe.device.type == "cuda":
+    compiled = args.stream and not args.eager and pipe.device.type == "cuda"
+    if compiled:
         logger.info("Real-time path on: the first video includes torch.compile time and the second CUDA-graph "
                     "capture (warm-up); use --eager to skip.")
-        pipe.enable_realtime(**levers)
-    elif levers:  # CPU: the levers alone (no compilation, CUDA graphs or fused CUDA decoder)
-        pipe.enable_realtime(compile=False, overlap_decode=False, cudnn_benchmark=False, vae_conv="diffusers",
-                             vae_fuse=False, cuda_graphs=False, **levers)
+    apply_levers(pipe, args.levers, compiled)  # on CPU: the levers alone
     fps = args.fps or pipe.config.fps
     if args.guidance_scale is None:
         args.guidance_scale = pipe.default_guidance_scale

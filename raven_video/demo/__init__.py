@@ -49,6 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--revision", default=None, help="Hub revision for --model.")
     p.add_argument("--host", default="127.0.0.1", help="Interface to listen on (0.0.0.0: every interface).")
     p.add_argument("--port", type=int, default=7860, help="TCP port.")
+    from ..cli.generate import add_lever_arguments
+
+    add_lever_arguments(p, "(all but --preview / --preview_decoder need --realtime)")
     return p.parse_args(argv)
 
 
@@ -90,6 +93,12 @@ def main(argv=None) -> None:
             raise UsageError(f"--{name} {value} must be a positive multiple of 16.")
     if args.max_waiting < 0:
         raise UsageError(f"--max_waiting {args.max_waiting} must be >= 0.")
+    from ..cli import generate
+
+    gpu_levers = [flag for flag in generate.given_levers(args) if flag not in ("--preview", "--preview_decoder")]
+    if gpu_levers and not args.realtime:
+        raise UsageError(f"{', '.join(gpu_levers)} are options of the real-time path; add --realtime (CUDA).")
+    levers = generate.check_levers(args, args.model if args.model is not None else generate.shipped_model())
     pipe, folder = load_demo_pipeline(args.model, args.device, args.dtype, args.revision)
     lookahead = 0
     if args.realtime:
@@ -97,8 +106,8 @@ def main(argv=None) -> None:
             raise UsageError("--realtime needs a CUDA device (pipe.enable_realtime() compiles CUDA graphs); drop it "
                              "on a CPU.")
         logger.info("Real-time path on: the first stream includes torch.compile time, the second CUDA-graph capture.")
-        pipe.enable_realtime()
         lookahead = 1  # the overlapped decode yields a chunk after the next one was started
+    generate.apply_levers(pipe, levers, compiled=args.realtime)  # without --realtime: the preview decoder alone
     settings = DemoSettings(guidance_scale=args.guidance_scale, height=args.height, width=args.width,
                             max_waiting=args.max_waiting, switch_lookahead=lookahead, record_video=not args.no_video)
     name = args.model or folder or "tiny random pipeline"
