@@ -512,6 +512,27 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
             return sdpa_token_mask(layout, tokens_per_frame, torch.device(device))
         raise ValueError(f"mask_backend={mask_backend!r}; use 'auto', 'flex' or 'sdpa'.")
 
+    def _embed_inputs(self, latents: torch.Tensor, frame_timesteps: torch.Tensor, positions: list[int]):
+        """Patch embedding, timestep embedding and RoPE tables of a forward over ``latents`` ``[B, C, F, H, W]``:
+        ``(hidden_states [B, L, D], temb [B, F_mod, D], timestep_proj [B, F_mod, 6, D], (cos, sin) [1, L, 1, d])``."""
+        if frame_timesteps.dtype in (torch.bfloat16, torch.float16):
+            raise ValueError(
+                f"timesteps in {frame_timesteps.dtype} lose precision (938 becomes 936 in bf16); pass them as float32 "
+                "(or integers): the sinusoidal embedding is computed in float32 anyway."
+            )
+        _, _, _, height, width = latents.shape
+        _, p_h, p_w = self.config.patch_size
+        rotary_emb = self._rotary(positions, height // p_h, width // p_w, latents.device)
+        hidden_states = self.patch_embedding(latents).flatten(2).transpose(1, 2).contiguous()
+        temb, timestep_proj = self._embed_timesteps(frame_timesteps, hidden_states.dtype)
+        return hidden_states, temb, timestep_proj, rotary_emb
+
+    def _output(self, hidden_states: torch.Tensor, temb: torch.Tensor, latent_shape) -> torch.Tensor:
+        """Output head + unpatchify: ``[B, L, D]`` -> ``[B, C_out, F, H, W]`` for inputs of ``latent_shape``."""
+        _, _, frames, height, width = latent_shape
+        _, p_h, p_w = self.config.patch_size
+        return self._unpatchify(self._head(hidden_states, temb), frames, height // p_h, width // p_w)
+
     def _forward_frames(
         self,
         latents: torch.Tensor,
@@ -531,17 +552,8 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
             positions: RoPE temporal index of each sequence frame.
         Returns ``[B, C_out, F_seq, H, W]``.
         """
-        if frame_timesteps.dtype in (torch.bfloat16, torch.float16):
-            raise ValueError(
-                f"timesteps in {frame_timesteps.dtype} lose precision (938 becomes 936 in bf16); pass them as float32 "
-                "(or integers): the sinusoidal embedding is computed in float32 anyway."
-            )
-        batch, _, frames, height, width = latents.shape
-        _, p_h, p_w = self.config.patch_size
-        pph, ppw = height // p_h, width // p_w
-        rotary_emb = self._rotary(positions, pph, ppw, latents.device)
-        hidden_states = self.patch_embedding(latents).flatten(2).transpose(1, 2).contiguous()
-        temb, timestep_proj = self._embed_timesteps(frame_timesteps, hidden_states.dtype)
+        hidden_states, temb, timestep_proj, rotary_emb = self._embed_inputs(latents, frame_timesteps, positions)
+        frames = latents.shape[2]
         text = None
         if kv_cache is None or not kv_cache.has_text:
             if encoder_hidden_states is None:
@@ -553,7 +565,7 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         )
         if kv_cache is not None and update_cache:
             kv_cache.commit(positions[0], frames)
-        return self._unpatchify(self._head(hidden_states, temb), frames, pph, ppw)
+        return self._output(hidden_states, temb, latents.shape)
 
     # ------------------------------------------------------------------ public forward modes
     @apply_lora_scale("attention_kwargs")
