@@ -9,6 +9,7 @@ Prints ONE JSON line: fps, first_chunk_latency_s, per_chunk_ms, dit_only_s, peak
     python benchmarks/stream.py                  # H100/H200
     python benchmarks/stream.py --tiny           # CPU smoke test of the script itself
     python benchmarks/stream.py --mode realtime-selfattn-fa4 --devices cuda:0,cuda:1      # FA4, VAE on a 2nd GPU
+    python benchmarks/stream.py --mode realtime-selfattn-fa4 --devices cuda:0,cuda:1 --transformer_split 0.7
     python benchmarks/stream.py --mode realtime --num_frames 969 --local_attn_size 21 --sink_size 3   # one minute
     python benchmarks/stream.py --mode realtime --model raven_video/world/weights/pipeline \
         --prompt "a red circle moves right quickly, on a black background"   # a trained folder, prompt encoded per stream
@@ -113,12 +114,17 @@ def main():
                    help="realtime modes: 'random' (TAEHV architecture, random weights: same speed) or a taew2_1 "
                         ".safetensors file: enable_realtime(preview_decoder=...) instead of the Wan VAE")
     p.add_argument("--fp8", action="store_true", help="realtime modes: enable_realtime(fp8=True) (FP8 linear layers)")
+    p.add_argument("--transformer_split", type=float, default=None,
+                   help="with --devices: enable_realtime(transformer_split=...), the first GPU's share of the tokens")
     p.add_argument("--local_attn_size", type=int, default=None, help="KV window (latent frames) for long streams")
     p.add_argument("--sink_size", type=int, default=None, help="sink (latent frames) for long streams")
     args = p.parse_args()
     devices = tuple(args.devices.split(",")) if args.devices else None
-    if args.mode == "eager" and (devices or args.fp8 or args.preview_decoder):
-        p.error("--devices / --fp8 / --preview_decoder need a realtime mode (they are enable_realtime options).")
+    if args.mode == "eager" and (devices or args.fp8 or args.preview_decoder or args.transformer_split):
+        p.error("--devices / --fp8 / --preview_decoder / --transformer_split need a realtime mode (they are "
+                "enable_realtime options).")
+    if args.transformer_split is not None and not devices:
+        p.error("--transformer_split needs --devices (e.g. --devices cuda:0,cuda:1).")
     if args.tiny and args.model:
         p.error("--tiny and --model exclude each other.")
     if args.model and not os.path.isfile(os.path.join(args.model, "model_index.json")):
@@ -159,6 +165,7 @@ def main():
             devices=devices,
             fp8=args.fp8,
             preview_decoder=preview,
+            transformer_split=args.transformer_split,
             **kwargs,
         )
     tic = time.perf_counter()
@@ -230,6 +237,7 @@ def main():
         "max_abs_diff_vs_eager_latents": max_diff,
         "mean_abs_diff_vs_eager_latents": mean_diff,
         "fp8": args.fp8,
+        "transformer_split": args.transformer_split,
         "preview_decoder": args.preview_decoder,
         "cuda_graphs_captured": len(graphs.graphs) if graphs else None,
         "cuda_graphs_disabled_reason": graphs.disabled_reason if graphs else None,

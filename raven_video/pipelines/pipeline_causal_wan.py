@@ -63,6 +63,13 @@ class StreamChunk:
     seconds: float = 0.0
 
 
+def _device_exists(device: torch.device) -> bool:
+    """A CPU, or a CUDA device this process can see."""
+    if device.type == "cuda":
+        return torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
+    return device.type == "cpu"
+
+
 class _ChunkDecoder:
     """Streaming VAE decode of each chunk, optionally on a side CUDA stream (``submit`` returns at once; ``result``
     waits for that chunk only)."""
@@ -314,6 +321,7 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         devices: tuple[str | torch.device, str | torch.device] | None = None,
         fp8: bool = False,
         preview_decoder=None,
+        transformer_split: float | None = None,
         **compile_kwargs,
     ) -> "CausalWanPipeline":
         """Turn on the fast streaming path (outputs equal the eager path up to kernel numerics; see BENCHMARKS.md).
@@ -354,10 +362,23 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                 file of TAEHV weights in the official layout (e.g. ``taew2_1``), or a ``TAEHVDecoder`` folder (e.g.
                 one ``train_preview_decoder.py`` distilled from this pipeline's VAE): each chunk is decoded by that
                 tiny decoder instead of the Wan VAE (a fast, lower-quality preview), on the VAE's device and dtype.
+            transformer_split: with ``devices``, run the transformer token-parallel over both devices too: the first
+                computes this share of each chunk's tokens (e.g. ``0.7``), the second (which also decodes) the rest,
+                with one K/V exchange per block (:mod:`raven_video.pipelines.token_parallel`; a replica of the
+                transformer on the second device). Outputs equal the one-device path up to GEMM rounding. Falls back
+                to the plain two-device split, with one log line, where the second device does not exist.
         """
+        if transformer_split is not None:
+            if devices is None:
+                raise ValueError(f"transformer_split={transformer_split!r} needs devices=(first, second), e.g. "
+                                 "devices=('cuda:0', 'cuda:1').")
+            if not 0.0 < float(transformer_split) < 1.0:
+                raise ValueError(f"transformer_split={transformer_split!r} must be in (0, 1): the first device's share "
+                                 "of each chunk's tokens, e.g. 0.7.")
+            compile_kwargs.setdefault("dynamic", False)  # each device's share has its own static shape
         self._decode_device = None
         if devices is not None:
-            self._place_decoder(devices)
+            self._place_decoder(devices, split=transformer_split is not None)
         if fp8:
             from ..models.fp8 import enable_fp8
 
@@ -379,24 +400,30 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             torch.backends.cudnn.benchmark = True
         self._overlap_decode = overlap_decode
         self._realtime_denoiser = None
-        if cuda_graphs:
+        if transformer_split is not None and _device_exists(torch.device(devices[1])):
+            from .token_parallel import TokenParallelDenoiser
+
+            split = float(transformer_split)
+            self._realtime_denoiser = TokenParallelDenoiser(self.transformer, devices, shares=(split, 1.0 - split),
+                                                            cuda_graphs=cuda_graphs)
+        elif cuda_graphs:
             from .cuda_graphs import StreamingGraphs
 
             self._realtime_denoiser = StreamingGraphs(self.transformer)
         return self
 
-    def _place_decoder(self, devices) -> None:
-        """``enable_realtime(devices=...)``: the VAE on the second device (validated), or one log line and no split."""
+    def _place_decoder(self, devices, split: bool = False) -> None:
+        """``enable_realtime(devices=...)``: the VAE on the second device (validated), or one log line and no split
+        (``split``: the line says the transformer stays whole too)."""
         if not isinstance(devices, (tuple, list)) or len(devices) != 2:
             raise ValueError(f"devices={devices!r}: give (transformer_device, vae_device), e.g. ('cuda:0', 'cuda:1').")
         dit, vae = (torch.device(d) for d in devices)
         if dit != self.transformer.device:
             raise ValueError(f"devices[0]={str(dit)!r} but the transformer is on {self.transformer.device}: call "
                              f"pipe.to({str(dit)!r}) first.")
-        missing = vae.type == "cuda" and (not torch.cuda.is_available() or (vae.index or 0) >= torch.cuda.device_count())
-        if missing or vae.type not in ("cuda", "cpu"):
-            logger.warning("enable_realtime(devices=%s): %s is not available here; decoding on %s",
-                           tuple(str(d) for d in devices), vae, dit)
+        if not _device_exists(vae):
+            logger.warning("enable_realtime(devices=%s): %s is not available here; decoding%s on %s",
+                           tuple(str(d) for d in devices), vae, " and the whole transformer" if split else "", dit)
             return
         if vae != dit:
             self.vae.to(vae)
