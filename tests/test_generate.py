@@ -196,6 +196,8 @@ def test_stale_partial_files_are_cleaned_and_live_ones_kept(tmp_path):
     (["--stream", "--preview_decoder", "/nonexistent/taew2_1.safetensors"], "does not exist"),
     (["--stream", "--preview", "--preview_decoder", "x.safetensors"], "give one of them"),
     (["--stream", "--vae_device", "gpu:1"], "--vae_device 'gpu:1' is not a device"),
+    (["--stream", "--transformer_split", "0.5"], "--transformer_split .* add --vae_device cuda:1"),
+    (["--stream", "--vae_device", "cuda:1", "--transformer_split", "1.5"], r"--transformer_split 1\.5 must be in \(0, 1\)"),
 ])
 def test_realtime_levers_fail_before_loading(tmp_path, monkeypatch, argv, match):
     _no_load(monkeypatch)
@@ -224,9 +226,11 @@ def test_realtime_levers_on_cpu(tmp_path, caplog):
     plain = generate.main(["a cat", "--model", str(folder), "--stream", "--output_dir", str(tmp_path / "a"), *SMALL])[0]
     caplog.set_level("INFO")
     fallback = generate.main(["a cat", "--model", str(folder), "--stream", "--self_attention_kernel", "fa4",
-                              "--vae_device", "cuda:1", "--output_dir", str(tmp_path / "b"), *SMALL])[0]
+                              "--vae_device", "cuda:1", "--transformer_split", "0.5", "--output_dir",
+                              str(tmp_path / "b"), *SMALL])[0]
     assert "self-attention kernel 'fa4' unavailable" in caplog.text
-    assert "enable_realtime(devices=('cpu', 'cuda:1')): cuda:1 is not available here; decoding on cpu" in caplog.text
+    assert ("enable_realtime(devices=('cpu', 'cuda:1')): cuda:1 is not available here; decoding and the whole "
+            "transformer on cpu") in caplog.text
     assert (iio.imread(plain, plugin="pyav") == iio.imread(fallback, plugin="pyav")).all()
     preview = generate.main(["a cat", "--model", str(folder), "--stream", "--preview", "--output_dir",
                              str(tmp_path / "c"), *SMALL])[0]
