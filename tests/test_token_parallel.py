@@ -78,3 +78,24 @@ def test_transformer_split_is_validated_before_any_work(caplog):
     lines = [r.getMessage() for r in caplog.records if "devices=" in r.getMessage()]
     assert len(lines) == 1 and "cuda:1 is not available here; decoding and the whole transformer on cpu" in lines[0]
     assert not isinstance(pipe._realtime_denoiser, TokenParallelDenoiser)
+
+
+def test_split_stream_with_a_window_and_a_prompt_switch_equals_the_eager_one():
+    """The ring-buffer KV window (reads gathered from several ranges, old frames overwritten) and a prompt switch
+    (the text K/V dropped and the history re-cached) reach every replica's cache: the latents equal the eager ones."""
+    size = dict(num_frames=57, height=32, width=48, output_type="latent")  # 5 chunks
+    options = dict(local_attn_size=6, sink_size=3, prompt_schedule={3: "a red car drives"})
+    eager = tiny_pipeline(seed=0)
+    split = tiny_pipeline(seed=0).enable_realtime(compile=False, cudnn_benchmark=False, devices=("cpu", "cpu"),
+                                                  transformer_split=0.5)
+    for pipe in (eager, split):
+        pipe.set_progress_bar_config(disable=True)
+    expected = torch.cat([c.latents for c in eager.stream("a cat walks", generator=torch.Generator().manual_seed(0),
+                                                         **size, **options)], dim=2)
+    out = torch.cat([c.latents for c in split.stream("a cat walks", generator=torch.Generator().manual_seed(0),
+                                                     **size, **options)], dim=2)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+    first, second = split._realtime_denoiser.caches
+    assert first.slot_frame == second.slot_frame and first.num_cached_frames < 12  # the window evicted frames
+    for a, b in zip(first.keys + first.text_keys, second.keys + second.text_keys):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
