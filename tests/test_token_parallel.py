@@ -80,6 +80,23 @@ def test_transformer_split_is_validated_before_any_work(caplog):
     assert not isinstance(pipe._realtime_denoiser, TokenParallelDenoiser)
 
 
+def test_one_gpu_named_twice_is_not_split(monkeypatch, caplog):
+    """``devices=("cuda:0", "cuda:0")`` with a split would only put a second replica on the same GPU: one log line,
+    no split (checked with a pretend two-GPU machine; on CPU a repeated device is how the tests split)."""
+    from raven_video.pipelines.pipeline_causal_wan import CausalWanPipeline
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with caplog.at_level(logging.WARNING, logger="raven_video.pipelines.pipeline_causal_wan"):
+        assert not CausalWanPipeline._split_transformer(("cuda:0", "cuda"))
+        assert CausalWanPipeline._split_transformer(("cuda:0", "cuda:1"))
+        assert CausalWanPipeline._split_transformer(("cpu", "cpu"))
+        assert not CausalWanPipeline._split_transformer(("cuda:0", "cuda:2"))  # not there: _place_decoder says so
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["enable_realtime(transformer_split=...): devices=('cuda:0', 'cuda') name one GPU twice; the "
+                     "transformer stays whole"], lines
+
+
 def test_split_stream_with_a_window_and_a_prompt_switch_equals_the_eager_one():
     """The ring-buffer KV window (reads gathered from several ranges, old frames overwritten) and a prompt switch
     (the text K/V dropped and the history re-cached) reach every replica's cache: the latents equal the eager ones."""

@@ -400,7 +400,7 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             torch.backends.cudnn.benchmark = True
         self._overlap_decode = overlap_decode
         self._realtime_denoiser = None
-        if transformer_split is not None and _device_exists(torch.device(devices[1])):
+        if transformer_split is not None and self._split_transformer(devices):
             from .token_parallel import TokenParallelDenoiser
 
             split = float(transformer_split)
@@ -411,6 +411,19 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
 
             self._realtime_denoiser = StreamingGraphs(self.transformer)
         return self
+
+    @staticmethod
+    def _split_transformer(devices) -> bool:
+        """Whether ``transformer_split`` has a second device: one that exists (else ``_place_decoder`` said so) and,
+        on CUDA, is another GPU (a replica on the same GPU only costs memory; one log line)."""
+        first, second = (torch.device(d) for d in devices)
+        if not _device_exists(second):
+            return False
+        if second.type == "cuda" and first.type == "cuda" and (first.index or 0) == (second.index or 0):
+            logger.warning("enable_realtime(transformer_split=...): devices=%s name one GPU twice; the transformer "
+                           "stays whole", tuple(str(d) for d in devices))
+            return False
+        return True
 
     def _place_decoder(self, devices, split: bool = False) -> None:
         """``enable_realtime(devices=...)``: the VAE on the second device (validated), or one log line and no split
