@@ -93,3 +93,20 @@ def test_enable_realtime_vae_fuse_keeps_pipeline_outputs():
         outs.append(pipe("a cat walks", generator=torch.Generator().manual_seed(0), output_type="pt", **size).frames)
     torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-5)
     assert _untouched(fast.vae)
+
+
+def test_nearest_2x_upsampling_is_the_module_s_bit_for_bit():
+    """Wan's nearest-exact 2x upsampling as one broadcast copy (the fused path): the same values as
+    ``nn.Upsample``, in channels-last memory, for channels-last and contiguous inputs; other modes are left to it."""
+    from raven_video.pipelines.vae_fast import _upsample_nearest
+
+    x = torch.randn(3, 5, 4, 6, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    for mode in ("nearest-exact", "nearest"):
+        module = torch.nn.Upsample(scale_factor=(2.0, 2.0), mode=mode)
+        for frames in (x, x.contiguous(memory_format=torch.channels_last)):
+            out = _upsample_nearest(module, frames)
+            assert torch.equal(out, module(frames)) and out.is_contiguous(memory_format=torch.channels_last)
+    bilinear = torch.nn.Upsample(scale_factor=2.0, mode="bilinear")
+    triple = torch.nn.Upsample(scale_factor=3.0, mode="nearest")
+    for module in (bilinear, triple):
+        assert torch.equal(_upsample_nearest(module, x), module(x))

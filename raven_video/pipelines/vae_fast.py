@@ -174,6 +174,22 @@ def _unrows(rows: torch.Tensor, batch: int, height: int, width: int) -> torch.Te
     return rows.view(batch, -1, height, width, rows.shape[1]).permute(0, 4, 1, 2, 3)
 
 
+def _upsample_nearest(upsample: torch.nn.Upsample, frames: torch.Tensor) -> torch.Tensor:
+    """``nn.Upsample.forward`` in the activation dtype; for Wan's nearest 2x (``nearest-exact``: source pixel
+    ``floor((i + 0.5) / 2) = i // 2``) one broadcast copy into channels-last memory instead of PyTorch's NHWC upsampling
+    kernel (2.1 ms per 4-frame 192 x 240 x 416 input on an H200, ~13x slower than its memory traffic)."""
+    if upsample.mode not in ("nearest", "nearest-exact") or upsample.size is not None or \
+            tuple(float(f) for f in _pair(upsample.scale_factor)) != (2.0, 2.0):
+        return torch.nn.Upsample.forward(upsample, frames)
+    n, c, h, w = frames.shape
+    nhwc = frames.permute(0, 2, 3, 1)[:, :, None, :, None, :].expand(n, h, 2, w, 2, c)
+    return nhwc.reshape(n, 2 * h, 2 * w, c).permute(0, 3, 1, 2)  # [N, C, 2H, 2W], channels-last
+
+
+def _pair(value) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
 # ------------------------------------------------------------------------------------ the decoder
 class FastWanDecoder(torch.nn.Module):
     r"""
@@ -343,7 +359,7 @@ class FastWanDecoder(torch.nn.Module):
         upsample, conv = resample.resample
         # nearest-neighbour upsampling copies values: in the activation dtype it is bit-identical to diffusers'
         # fp32 round trip
-        frames = torch.nn.Upsample.forward(upsample, frames) if self.fuse else upsample(frames)
+        frames = _upsample_nearest(upsample, frames) if self.fuse else upsample(frames)
         frames = conv(frames)
         return frames.view(b, t, frames.size(1), frames.size(2), frames.size(3)).permute(0, 2, 1, 3, 4)
 
