@@ -22,6 +22,11 @@ Measured on two H200s with FlashAttention-4 (BENCHMARKS.md, 480x832, 81 frames):
 at every block, so it does not hide. Giving the second GPU a smaller share did not help (0.65: 2.08 s): the first
 GPU's attention then needs a third wave of 128-query tiles (12 heads x tiles over 132 SMs).
 
+The replicas are copies made when it is built: load weights and LoRA adapters before ``enable_realtime``. Graphs are
+captured per chunk position (as :mod:`~raven_video.pipelines.cuda_graphs` does), times the block boundaries and the
+devices: 13 positions x 31 x 2 for an 81-frame video; a one-minute windowed stream (161 positions) would capture ~10k
+graphs, which has not been tried on a GPU.
+
 Calls it does not split run on the first device's transformer, eagerly: gradients, per-frame timesteps, a cache it did
 not allocate, and caches without the text K/V (``cache_text=False``).
 """
