@@ -363,9 +363,10 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                 one ``train_preview_decoder.py`` distilled from this pipeline's VAE): each chunk is decoded by that
                 tiny decoder instead of the Wan VAE (a fast, lower-quality preview), on the VAE's device and dtype.
             transformer_split: with ``devices``, run the transformer token-parallel over both devices too: the first
-                computes this share of each chunk's tokens (e.g. ``0.7``), the second (which also decodes) the rest,
-                with one K/V exchange per block (:mod:`raven_video.pipelines.token_parallel`; a replica of the
-                transformer on the second device). Outputs equal the one-device path up to GEMM rounding. Falls back
+                computes this share of each chunk's tokens (``0.5`` was fastest on two H200s, BENCHMARKS.md), the
+                second (which also decodes) the rest, with one K/V exchange per block
+                (:mod:`raven_video.pipelines.token_parallel`; a replica of the transformer on the second device, so
+                load weights and adapters first). Outputs equal the one-device path up to GEMM rounding. Falls back
                 to the plain two-device split, with one log line, where the second device does not exist.
         """
         if transformer_split is not None:
@@ -374,7 +375,7 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                                  "devices=('cuda:0', 'cuda:1').")
             if not 0.0 < float(transformer_split) < 1.0:
                 raise ValueError(f"transformer_split={transformer_split!r} must be in (0, 1): the first device's share "
-                                 "of each chunk's tokens, e.g. 0.7.")
+                                 "of each chunk's tokens, e.g. 0.5.")
             compile_kwargs.setdefault("dynamic", False)  # each device's share has its own static shape
         self._decode_device = None
         if devices is not None:

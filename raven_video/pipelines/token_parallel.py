@@ -87,6 +87,7 @@ class _Exchange:
 
 @dataclass
 class _Captured:
+    exchange: _Exchange
     inputs: list[torch.Tensor]
     timesteps: list[torch.Tensor]
     graphs: list[list[torch.cuda.CUDAGraph]]  # [segment][device]
@@ -102,12 +103,12 @@ class TokenParallelDenoiser:
         transformer: the streaming transformer, on ``devices[0]``, in eval mode, already set up (FP8, compiled
             halves, attention kernel): the other devices get deep copies of it.
         devices: one per replica, e.g. ``("cuda:0", "cuda:1")`` (a device may repeat: tests on CPU).
-        shares: relative share of each chunk's tokens per device (default: equal). A device that also decodes the
-            VAE should get less, e.g. ``(0.7, 0.3)``.
+        shares: relative share of each chunk's tokens per device (default: equal; on two H200s equal shares were
+            fastest even with the VAE decoding on the second, see the module docstring).
         cuda_graphs: capture and replay the forwards as CUDA graphs (CUDA only).
         warmup_calls: eager runs of each distinct call before it is captured.
 
-    Use through ``pipe.enable_realtime(devices=("cuda:0", "cuda:1"), transformer_split=0.7)``.
+    Use through ``pipe.enable_realtime(devices=("cuda:0", "cuda:1"), transformer_split=0.5)``.
     """
 
     def __init__(self, transformer, devices, shares=None, cuda_graphs: bool = True, warmup_calls: int = 1):
@@ -301,7 +302,7 @@ class TokenParallelDenoiser:
             for dev in self.devices:
                 torch.cuda.synchronize(dev)
             return None
-        captured = _Captured(inputs, timesteps, graphs, outputs, keep)
+        captured = _Captured(exchange, inputs, timesteps, graphs, outputs, keep)
         self.graphs[key] = captured
         return captured
 
@@ -309,15 +310,13 @@ class TokenParallelDenoiser:
         for static_in, static_t in zip(captured.inputs, captured.timesteps):
             static_in.copy_(model_in, non_blocking=True)
             static_t.copy_(timestep, non_blocking=True)
-        frames, height, width = model_in.shape[2:]
-        exchange = self._exchange(frames * self.transformer.tokens_per_frame_for(height, width))
         last = len(captured.graphs) - 1
         for index, row in enumerate(captured.graphs):
             for graph, dev in zip(row, self.devices):
                 with torch.cuda.device(dev):
                     graph.replay()
             if index < last:
-                self._send(exchange)
+                self._send(captured.exchange)
         return captured.outputs
 
 
