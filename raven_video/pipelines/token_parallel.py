@@ -249,12 +249,17 @@ class TokenParallelDenoiser:
         _, p_h, p_w = self.transformer.config.patch_size
         return self.transformer._unpatchify(head, frames, height // p_h, width // p_w)
 
-    def _forward(self, model_in, timestep, frame_offset, update_cache, plan) -> list[torch.Tensor]:
+    def _inputs(self, model_in, timestep, frame_offset, static: bool):
+        """A call's exchange buffers, RoPE positions and per-device inputs (own copies when ``static``: a capture's)."""
         frames, height, width = model_in.shape[2:]
         exchange = self._exchange(frames * self.transformer.tokens_per_frame_for(height, width))
         positions = list(range(frame_offset, frame_offset + frames))
-        inputs = [model_in.to(dev) for dev in self.devices]
-        timesteps = [timestep.to(dev) for dev in self.devices]
+        place = (lambda t, dev: t.to(dev).clone()) if static else (lambda t, dev: t.to(dev))
+        return (exchange, positions, [place(model_in, dev) for dev in self.devices],
+                [place(timestep, dev) for dev in self.devices])
+
+    def _forward(self, model_in, timestep, frame_offset, update_cache, plan) -> list[torch.Tensor]:
+        exchange, positions, inputs, timesteps = self._inputs(model_in, timestep, frame_offset, static=False)
         states, outputs = [None] * len(self.devices), [None] * len(self.devices)
         num_blocks = len(self.transformer.blocks)
         for index in range(num_blocks + 1):
@@ -268,11 +273,8 @@ class TokenParallelDenoiser:
 
     # ------------------------------------------------------------------ CUDA graphs
     def _capture(self, key, model_in, timestep, frame_offset, update_cache, plan) -> _Captured | None:
+        exchange, positions, inputs, timesteps = self._inputs(model_in, timestep, frame_offset, static=True)
         frames, height, width = model_in.shape[2:]
-        exchange = self._exchange(frames * self.transformer.tokens_per_frame_for(height, width))
-        positions = list(range(frame_offset, frame_offset + frames))
-        inputs = [model_in.to(dev).clone() for dev in self.devices]
-        timesteps = [timestep.to(dev).clone() for dev in self.devices]
         # RoPE tables: built outside the capture (host copies) and held (the transformer's table cache evicts)
         keep = [rep.rotary_tables(frame_offset, frames, height, width, dev)
                 for rep, dev in zip(self.replicas, self.devices)]
