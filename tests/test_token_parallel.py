@@ -28,12 +28,13 @@ def eager_frames():
     return pipe("a cat walks", generator=torch.Generator().manual_seed(0), output_type="pt", **SIZE).frames
 
 
-@pytest.mark.parametrize("split", [0.5, 0.3])
-def test_split_stream_equals_the_eager_stream(eager_frames, split):
+@pytest.mark.parametrize("split, split_cache_pass", [(0.5, True), (0.3, True), (0.5, False)])
+def test_split_stream_equals_the_eager_stream(eager_frames, split, split_cache_pass):
     """Two replicas (both on the CPU here) each compute a share of the tokens: two streams in a row (the caches are
-    reset, the exchange buffers reused) give the eager frames, and the second replica really did part of the work."""
+    reset, the exchange buffers reused) give the eager frames, and the second replica really did part of the work
+    (with ``split_cache_pass=False`` the denoising forwards only: the first device runs the cache passes whole)."""
     pipe = tiny_pipeline(seed=0).enable_realtime(compile=False, cudnn_benchmark=False, devices=("cpu", "cpu"),
-                                                 transformer_split=split)
+                                                 transformer_split=split, split_cache_pass=split_cache_pass)
     pipe.set_progress_bar_config(disable=True)
     denoiser = pipe._realtime_denoiser
     assert isinstance(denoiser, TokenParallelDenoiser) and denoiser.replicas[1] is not pipe.transformer
@@ -48,6 +49,8 @@ def test_split_stream_equals_the_eager_stream(eager_frames, split):
     (bounds,) = [ex.bounds for ex in denoiser._exchanges.values()]
     assert bounds == token_bounds(18, (split, 1 - split))
     assert seen and set(seen) == {bounds[1][1] - bounds[1][0]}  # replica 1 saw only its share, every forward
+    chunks, steps = 3, 4  # per stream: 12 denoising forwards and 2 cache passes
+    assert len(seen) == 2 * (chunks * steps + (chunks - 1 if split_cache_pass else 0))
 
 
 def test_calls_it_does_not_split_run_on_the_first_device():
@@ -97,14 +100,16 @@ def test_one_gpu_named_twice_is_not_split(monkeypatch, caplog):
                      "transformer stays whole"], lines
 
 
-def test_split_stream_with_a_window_and_a_prompt_switch_equals_the_eager_one():
+@pytest.mark.parametrize("split_cache_pass", [True, False])
+def test_split_stream_with_a_window_and_a_prompt_switch_equals_the_eager_one(split_cache_pass):
     """The ring-buffer KV window (reads gathered from several ranges, old frames overwritten) and a prompt switch
-    (the text K/V dropped and the history re-cached) reach every replica's cache: the latents equal the eager ones."""
+    (the text K/V dropped and the history re-cached) reach every replica's cache, also when the first device runs
+    the cache passes alone and copies their K/V over: the latents equal the eager ones."""
     size = dict(num_frames=57, height=32, width=48, output_type="latent")  # 5 chunks
     options = dict(local_attn_size=6, sink_size=3, prompt_schedule={3: "a red car drives"})
     eager = tiny_pipeline(seed=0)
     split = tiny_pipeline(seed=0).enable_realtime(compile=False, cudnn_benchmark=False, devices=("cpu", "cpu"),
-                                                  transformer_split=0.5)
+                                                  transformer_split=0.5, split_cache_pass=split_cache_pass)
     for pipe in (eager, split):
         pipe.set_progress_bar_config(disable=True)
     expected = torch.cat([c.latents for c in eager.stream("a cat walks", generator=torch.Generator().manual_seed(0),

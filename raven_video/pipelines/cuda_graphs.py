@@ -68,6 +68,14 @@ class StreamingGraphs:
         self._cache_key = key
         return self.cache
 
+    def use_cache(self, cache: WanKVCache) -> None:
+        """Capture and replay the calls on ``cache``, a cache allocated elsewhere (e.g. by a
+        :class:`~raven_video.pipelines.token_parallel.TokenParallelDenoiser` that runs its cache passes through this
+        runner); graphs of the previous cache are dropped."""
+        self.graphs.clear()
+        self.calls.clear()
+        self.cache, self._cache_key = cache, None
+
     def __call__(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor | None, cache: WanKVCache,
                  frame_offset: int, update_cache: bool = False) -> torch.Tensor:
         """``transformer(latents, timestep, text, kv_cache=cache, frame_offset=..., update_cache=...).sample``."""

@@ -322,6 +322,7 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         fp8: bool = False,
         preview_decoder=None,
         transformer_split: float | None = None,
+        split_cache_pass: bool = True,
         **compile_kwargs,
     ) -> "CausalWanPipeline":
         """Turn on the fast streaming path (outputs equal the eager path up to kernel numerics; see BENCHMARKS.md).
@@ -368,6 +369,9 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                 (:mod:`raven_video.pipelines.token_parallel`; a replica of the transformer on the second device, so
                 load weights and adapters first). Outputs equal the one-device path up to GEMM rounding. Falls back
                 to the plain two-device split, with one log line, where the second device does not exist.
+            split_cache_pass: with ``transformer_split``, split each chunk's cache pass too (default); ``False`` runs
+                it whole on the first device and copies the chunk's K/V to the second, which meanwhile decodes
+                uncontested (see :mod:`raven_video.pipelines.token_parallel`).
         """
         if transformer_split is not None:
             if devices is None:
@@ -406,7 +410,7 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
 
             split = float(transformer_split)
             self._realtime_denoiser = TokenParallelDenoiser(self.transformer, devices, shares=(split, 1.0 - split),
-                                                            cuda_graphs=cuda_graphs)
+                                                            cuda_graphs=cuda_graphs, split_cache_pass=split_cache_pass)
         elif cuda_graphs:
             from .cuda_graphs import StreamingGraphs
 

@@ -29,6 +29,11 @@ graphs, which has not been tried on a GPU.
 
 Calls it does not split run on the first device's transformer, eagerly: gradients, per-frame timesteps, a cache it did
 not allocate, and caches without the text K/V (``cache_text=False``).
+
+``split_cache_pass=False`` runs each chunk's cache pass (Alg. 1 l.8) on the first device alone, as one whole forward
+(a CUDA graph of :class:`~raven_video.pipelines.cuda_graphs.StreamingGraphs`), then copies the chunk's K/V of every
+layer into the other devices' caches (peer copies, ~0.9 GB at 480x832). The pass takes longer on one device, but the
+second device is free for that time: the chunk's decode, queued on it just before the pass, runs uncontested.
 """
 
 from __future__ import annotations
@@ -107,11 +112,14 @@ class TokenParallelDenoiser:
             fastest even with the VAE decoding on the second, see the module docstring).
         cuda_graphs: capture and replay the forwards as CUDA graphs (CUDA only).
         warmup_calls: eager runs of each distinct call before it is captured.
+        split_cache_pass: split the cache passes too (default); ``False`` runs them whole on the first device and
+            copies the chunk's K/V to the others, leaving the other devices free for the decode (module docstring).
 
     Use through ``pipe.enable_realtime(devices=("cuda:0", "cuda:1"), transformer_split=0.5)``.
     """
 
-    def __init__(self, transformer, devices, shares=None, cuda_graphs: bool = True, warmup_calls: int = 1):
+    def __init__(self, transformer, devices, shares=None, cuda_graphs: bool = True, warmup_calls: int = 1,
+                 split_cache_pass: bool = True):
         self.devices = [torch.device(d) for d in devices]
         if len(self.devices) < 2:
             raise ValueError(f"devices={tuple(devices)}: token parallelism needs at least two devices.")
@@ -132,6 +140,12 @@ class TokenParallelDenoiser:
         self.calls: Counter = Counter()
         self.pools = None
         self.disabled_reason: str | None = None
+        self.split_cache_pass = split_cache_pass
+        self._whole = None  # the first device's whole-forward runner (split_cache_pass=False)
+        if not split_cache_pass:
+            from .cuda_graphs import StreamingGraphs
+
+            self._whole = StreamingGraphs(transformer, warmup_calls=warmup_calls)
 
     @property
     def transformer(self):
@@ -152,6 +166,8 @@ class TokenParallelDenoiser:
         self.caches = [rep.new_kv_cache(batch_size, latent_height, latent_width, device=dev, **kwargs)
                        for rep, dev in zip(self.replicas, self.devices)]
         self._cache_key = key
+        if self._whole is not None:  # its graphs read and write the first device's cache
+            self._whole.use_cache(self.caches[0])
         return self.caches[0]
 
     def __call__(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor | None, cache: WanKVCache,
@@ -166,6 +182,8 @@ class TokenParallelDenoiser:
             return self.transformer(model_in, timestep, text, kv_cache=cache, frame_offset=frame_offset,
                                     update_cache=update_cache).sample
         frames = model_in.shape[2]
+        if update_cache and not self.split_cache_pass:
+            return self._whole_cache_pass(latents, timestep, frame_offset)
         plan = cache.plan(frame_offset, frames, update_cache)
         out = self._gather(self._run(model_in, timestep, frame_offset, update_cache, plan), model_in.shape)
         if update_cache:
@@ -186,6 +204,22 @@ class TokenParallelDenoiser:
             if captured is None:
                 return self._forward(model_in, timestep, frame_offset, update_cache, plan)
         return self._replay(captured, model_in, timestep)
+
+    def _whole_cache_pass(self, latents, timestep, frame_offset) -> torch.Tensor:
+        """The cache pass on the first device alone, then the chunk's K/V slots of every layer copied to the others
+        (each ``copy_`` runs on the first device's stream and orders both devices' streams, like ``_send``)."""
+        frames = latents.shape[2]
+        plans = [cache.plan(frame_offset, frames, True) for cache in self.caches[1:]]
+        with torch.cuda.device(self.devices[0]) if self.devices[0].type == "cuda" else nullcontext():
+            out = self._whole(latents, timestep, None, self.caches[0], frame_offset, update_cache=True)
+        source = self.caches[0]
+        for cache, plan in zip(self.caches[1:], plans):
+            for layer in range(cache.num_layers):
+                for a, b, _, _ in plan.write_ranges:
+                    cache.keys[layer][:, a:b].copy_(source.keys[layer][:, a:b], non_blocking=True)
+                    cache.values[layer][:, a:b].copy_(source.values[layer][:, a:b], non_blocking=True)
+            cache.commit(frame_offset, frames)
+        return out
 
     @property
     def _cache0(self):
