@@ -160,11 +160,13 @@ class ChunkSampler:
                 if recache_on_switch:
                     self._recache(cache, history[:, :, :start], text, chunk_sizes, guidance_scale)
             z = latents[:, :, start : start + n]
-            noise = self.step_noise(z.shape, generator, latents.device)  # drawn up front: no sync per step
+            noise = None
             for k in range(self.num_steps):
                 if observer is not None:
                     observer(index, k, z)
                 v = self.predict(z, timesteps[k], None if cache.has_text else text, cache, start, guidance_scale)
+                if noise is None:  # all K at once (no sync per step), drawn while the first forward runs on a GPU
+                    noise = self.step_noise(z.shape, generator, latents.device)
                 z = self.kernel(v, z, self.sigmas[k], self.sigmas[k + 1], noise[k])
             history[:, :, start : start + n] = z
             yield SampledChunk(index, start, z)
