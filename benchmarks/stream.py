@@ -116,9 +116,9 @@ def main():
     p.add_argument("--fp8", action="store_true", help="realtime modes: enable_realtime(fp8=True) (FP8 linear layers)")
     p.add_argument("--transformer_split", type=float, default=None,
                    help="with --devices: enable_realtime(transformer_split=...), the first GPU's share of the tokens")
-    p.add_argument("--whole_cache_pass", action="store_true",
-                   help="with --transformer_split: enable_realtime(split_cache_pass=False), each cache pass whole on "
-                        "the first GPU while the second decodes")
+    p.add_argument("--unsplit_forwards", type=int, default=0,
+                   help="with --transformer_split: enable_realtime(unsplit_forwards=N), forwards per chunk run whole "
+                        "on the first GPU while the second decodes (1: the cache pass, 2: also the next first step)")
     p.add_argument("--local_attn_size", type=int, default=None, help="KV window (latent frames) for long streams")
     p.add_argument("--sink_size", type=int, default=None, help="sink (latent frames) for long streams")
     args = p.parse_args()
@@ -126,9 +126,9 @@ def main():
     if args.mode == "eager" and (devices or args.fp8 or args.preview_decoder or args.transformer_split):
         p.error("--devices / --fp8 / --preview_decoder / --transformer_split need a realtime mode (they are "
                 "enable_realtime options).")
-    if args.whole_cache_pass and args.transformer_split is None:
-        p.error("--whole_cache_pass needs --transformer_split (it changes where the split transformer's cache passes "
-                "run).")
+    if args.unsplit_forwards and args.transformer_split is None:
+        p.error("--unsplit_forwards needs --transformer_split (it runs some of the split transformer's forwards "
+                "whole).")
     if args.transformer_split is not None and not devices:
         p.error("--transformer_split needs --devices (e.g. --devices cuda:0,cuda:1).")
     if args.tiny and args.model:
@@ -172,7 +172,7 @@ def main():
             fp8=args.fp8,
             preview_decoder=preview,
             transformer_split=args.transformer_split,
-            split_cache_pass=not args.whole_cache_pass,
+            unsplit_forwards=args.unsplit_forwards,
             **kwargs,
         )
     tic = time.perf_counter()
@@ -245,7 +245,7 @@ def main():
         "mean_abs_diff_vs_eager_latents": mean_diff,
         "fp8": args.fp8,
         "transformer_split": args.transformer_split,
-        "split_cache_pass": not args.whole_cache_pass if args.transformer_split is not None else None,
+        "unsplit_forwards": args.unsplit_forwards if args.transformer_split is not None else None,
         "preview_decoder": args.preview_decoder,
         "cuda_graphs_captured": len(graphs.graphs) if graphs else None,
         "cuda_graphs_disabled_reason": graphs.disabled_reason if graphs else None,

@@ -28,13 +28,14 @@ def eager_frames():
     return pipe("a cat walks", generator=torch.Generator().manual_seed(0), output_type="pt", **SIZE).frames
 
 
-@pytest.mark.parametrize("split, split_cache_pass", [(0.5, True), (0.3, True), (0.5, False)])
-def test_split_stream_equals_the_eager_stream(eager_frames, split, split_cache_pass):
+@pytest.mark.parametrize("split, unsplit_forwards", [(0.5, 0), (0.3, 0), (0.5, 1), (0.5, 2)])
+def test_split_stream_equals_the_eager_stream(eager_frames, split, unsplit_forwards):
     """Two replicas (both on the CPU here) each compute a share of the tokens: two streams in a row (the caches are
     reset, the exchange buffers reused) give the eager frames, and the second replica really did part of the work
-    (with ``split_cache_pass=False`` the denoising forwards only: the first device runs the cache passes whole)."""
+    (with ``unsplit_forwards`` fewer forwards: the first device runs the cache passes, then the next chunks' first
+    steps, whole)."""
     pipe = tiny_pipeline(seed=0).enable_realtime(compile=False, cudnn_benchmark=False, devices=("cpu", "cpu"),
-                                                 transformer_split=split, split_cache_pass=split_cache_pass)
+                                                 transformer_split=split, unsplit_forwards=unsplit_forwards)
     pipe.set_progress_bar_config(disable=True)
     denoiser = pipe._realtime_denoiser
     assert isinstance(denoiser, TokenParallelDenoiser) and denoiser.replicas[1] is not pipe.transformer
@@ -49,8 +50,8 @@ def test_split_stream_equals_the_eager_stream(eager_frames, split, split_cache_p
     (bounds,) = [ex.bounds for ex in denoiser._exchanges.values()]
     assert bounds == token_bounds(18, (split, 1 - split))
     assert seen and set(seen) == {bounds[1][1] - bounds[1][0]}  # replica 1 saw only its share, every forward
-    chunks, steps = 3, 4  # per stream: 12 denoising forwards and 2 cache passes
-    assert len(seen) == 2 * (chunks * steps + (chunks - 1 if split_cache_pass else 0))
+    chunks, steps = 3, 4  # per stream: 12 denoising forwards and 2 cache passes; whole: 2 x unsplit_forwards
+    assert len(seen) == 2 * (chunks * steps + chunks - 1 - (chunks - 1) * unsplit_forwards)
 
 
 def test_calls_it_does_not_split_run_on_the_first_device():
@@ -76,6 +77,12 @@ def test_transformer_split_is_validated_before_any_work(caplog):
         TokenParallelDenoiser(pipe.transformer, ("cpu",))
     with pytest.raises(ValueError, match=r"shares=\(1\.0, 0\.0\): give one positive share per device"):
         TokenParallelDenoiser(pipe.transformer, ("cpu", "cpu"), shares=(1, 0))
+    with pytest.raises(ValueError, match=r"unsplit_forwards=1 needs transformer_split"):
+        pipe.enable_realtime(compile=False, devices=("cpu", "cpu"), unsplit_forwards=1)
+    with pytest.raises(ValueError, match=r"unsplit_forwards=-1: give a whole number >= 0"):
+        pipe.enable_realtime(compile=False, devices=("cpu", "cpu"), transformer_split=0.5, unsplit_forwards=-1)
+    with pytest.raises(ValueError, match=r"unsplit_forwards=1\.5: give a whole number >= 0"):
+        TokenParallelDenoiser(pipe.transformer, ("cpu", "cpu"), unsplit_forwards=1.5)
     with caplog.at_level(logging.WARNING, logger="raven_video.pipelines.pipeline_causal_wan"):
         pipe.enable_realtime(compile=False, cudnn_benchmark=False, devices=("cpu", "cuda:1"), transformer_split=0.7)
     lines = [r.getMessage() for r in caplog.records if "devices=" in r.getMessage()]
@@ -100,8 +107,8 @@ def test_one_gpu_named_twice_is_not_split(monkeypatch, caplog):
                      "transformer stays whole"], lines
 
 
-@pytest.mark.parametrize("split_cache_pass", [True, False])
-def test_split_stream_with_a_window_and_a_prompt_switch_equals_the_eager_one(split_cache_pass):
+@pytest.mark.parametrize("unsplit_forwards", [0, 2])
+def test_split_stream_with_a_window_and_a_prompt_switch_equals_the_eager_one(unsplit_forwards):
     """The ring-buffer KV window (reads gathered from several ranges, old frames overwritten) and a prompt switch
     (the text K/V dropped and the history re-cached) reach every replica's cache, also when the first device runs
     the cache passes alone and copies their K/V over: the latents equal the eager ones."""
@@ -109,7 +116,7 @@ def test_split_stream_with_a_window_and_a_prompt_switch_equals_the_eager_one(spl
     options = dict(local_attn_size=6, sink_size=3, prompt_schedule={3: "a red car drives"})
     eager = tiny_pipeline(seed=0)
     split = tiny_pipeline(seed=0).enable_realtime(compile=False, cudnn_benchmark=False, devices=("cpu", "cpu"),
-                                                  transformer_split=0.5, split_cache_pass=split_cache_pass)
+                                                  transformer_split=0.5, unsplit_forwards=unsplit_forwards)
     for pipe in (eager, split):
         pipe.set_progress_bar_config(disable=True)
     expected = torch.cat([c.latents for c in eager.stream("a cat walks", generator=torch.Generator().manual_seed(0),

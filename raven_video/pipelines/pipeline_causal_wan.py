@@ -322,7 +322,7 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         fp8: bool = False,
         preview_decoder=None,
         transformer_split: float | None = None,
-        split_cache_pass: bool = True,
+        unsplit_forwards: int = 0,
         **compile_kwargs,
     ) -> "CausalWanPipeline":
         """Turn on the fast streaming path (outputs equal the eager path up to kernel numerics; see BENCHMARKS.md).
@@ -369,9 +369,10 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                 (:mod:`raven_video.pipelines.token_parallel`; a replica of the transformer on the second device, so
                 load weights and adapters first). Outputs equal the one-device path up to GEMM rounding. Falls back
                 to the plain two-device split, with one log line, where the second device does not exist.
-            split_cache_pass: with ``transformer_split``, split each chunk's cache pass too (default); ``False`` runs
-                it whole on the first device and copies the chunk's K/V to the second, which meanwhile decodes
-                uncontested (see :mod:`raven_video.pipelines.token_parallel`).
+            unsplit_forwards: with ``transformer_split``, how many forwards per chunk run whole on the first device
+                while the second decodes uncontested: 0 splits every forward, 1 each cache pass (its K/V are then
+                copied to the second device), 2 also the next chunk's first step
+                (:mod:`raven_video.pipelines.token_parallel`).
         """
         if transformer_split is not None:
             if devices is None:
@@ -381,6 +382,13 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                 raise ValueError(f"transformer_split={transformer_split!r} must be in (0, 1): the first device's share "
                                  "of each chunk's tokens, e.g. 0.5.")
             compile_kwargs.setdefault("dynamic", False)  # each device's share has its own static shape
+        if unsplit_forwards and transformer_split is None:
+            raise ValueError(f"unsplit_forwards={unsplit_forwards!r} needs transformer_split (it runs some of the "
+                             "split transformer's forwards whole), e.g. transformer_split=0.5.")
+        if int(unsplit_forwards) != unsplit_forwards or unsplit_forwards < 0:
+            raise ValueError(f"unsplit_forwards={unsplit_forwards!r}: give a whole number >= 0 (0 splits every "
+                             "forward, 1 runs each cache pass whole on the first device, 2 also the next chunk's "
+                             "first step).")
         self._decode_device = None
         if devices is not None:
             self._place_decoder(devices, split=transformer_split is not None)
@@ -410,7 +418,7 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
 
             split = float(transformer_split)
             self._realtime_denoiser = TokenParallelDenoiser(self.transformer, devices, shares=(split, 1.0 - split),
-                                                            cuda_graphs=cuda_graphs, split_cache_pass=split_cache_pass)
+                                                            cuda_graphs=cuda_graphs, unsplit_forwards=unsplit_forwards)
         elif cuda_graphs:
             from .cuda_graphs import StreamingGraphs
 

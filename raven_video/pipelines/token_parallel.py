@@ -30,10 +30,12 @@ graphs, which has not been tried on a GPU.
 Calls it does not split run on the first device's transformer, eagerly: gradients, per-frame timesteps, a cache it did
 not allocate, and caches without the text K/V (``cache_text=False``).
 
-``split_cache_pass=False`` runs each chunk's cache pass (Alg. 1 l.8) on the first device alone, as one whole forward
-(a CUDA graph of :class:`~raven_video.pipelines.cuda_graphs.StreamingGraphs`), then copies the chunk's K/V of every
-layer into the other devices' caches (peer copies, ~0.9 GB at 480x832). The pass takes longer on one device, but the
-second device is free for that time: the chunk's decode, queued on it just before the pass, runs uncontested.
+``unsplit_forwards=n`` gives the decode a window: a chunk's decode is queued on the second device just before the
+chunk's cache pass (Alg. 1 l.8), so that pass (``n >= 1``) and the next chunk's first ``n - 1`` denoising forwards run
+whole on the first device (CUDA graphs of :class:`~raven_video.pipelines.cuda_graphs.StreamingGraphs` on its
+replica) while the second decodes uncontested. After the cache pass the chunk's K/V of every layer are copied into
+the other devices' caches (peer copies, ~0.9 GB at 480x832). Each whole forward takes longer than a split one; the
+gain is the decode no longer delaying the lockstep.
 """
 
 from __future__ import annotations
@@ -112,14 +114,15 @@ class TokenParallelDenoiser:
             fastest even with the VAE decoding on the second, see the module docstring).
         cuda_graphs: capture and replay the forwards as CUDA graphs (CUDA only).
         warmup_calls: eager runs of each distinct call before it is captured.
-        split_cache_pass: split the cache passes too (default); ``False`` runs them whole on the first device and
-            copies the chunk's K/V to the others, leaving the other devices free for the decode (module docstring).
+        unsplit_forwards: forwards per chunk run whole on the first device, leaving the others free for the decode:
+            0 (default) splits every forward, 1 runs each cache pass whole, 2 also the next chunk's first step, ...
+            (module docstring).
 
     Use through ``pipe.enable_realtime(devices=("cuda:0", "cuda:1"), transformer_split=0.5)``.
     """
 
     def __init__(self, transformer, devices, shares=None, cuda_graphs: bool = True, warmup_calls: int = 1,
-                 split_cache_pass: bool = True):
+                 unsplit_forwards: int = 0):
         self.devices = [torch.device(d) for d in devices]
         if len(self.devices) < 2:
             raise ValueError(f"devices={tuple(devices)}: token parallelism needs at least two devices.")
@@ -140,9 +143,13 @@ class TokenParallelDenoiser:
         self.calls: Counter = Counter()
         self.pools = None
         self.disabled_reason: str | None = None
-        self.split_cache_pass = split_cache_pass
-        self._whole = None  # the first device's whole-forward runner (split_cache_pass=False)
-        if not split_cache_pass:
+        if int(unsplit_forwards) != unsplit_forwards or unsplit_forwards < 0:
+            raise ValueError(f"unsplit_forwards={unsplit_forwards!r}: give a whole number >= 0 (0 splits every forward, "
+                             "1 runs each cache pass whole on the first device, 2 also the next chunk's first step).")
+        self.unsplit_forwards = int(unsplit_forwards)
+        self._unsplit_left = 0  # denoising forwards still to run whole after the last whole cache pass
+        self._whole = None  # the first device's whole-forward runner (unsplit_forwards > 0)
+        if self.unsplit_forwards:
             from .cuda_graphs import StreamingGraphs
 
             self._whole = StreamingGraphs(transformer, warmup_calls=warmup_calls)
@@ -166,6 +173,7 @@ class TokenParallelDenoiser:
         self.caches = [rep.new_kv_cache(batch_size, latent_height, latent_width, device=dev, **kwargs)
                        for rep, dev in zip(self.replicas, self.devices)]
         self._cache_key = key
+        self._unsplit_left = 0
         if self._whole is not None:  # its graphs read and write the first device's cache
             self._whole.use_cache(self.caches[0])
         return self.caches[0]
@@ -182,8 +190,12 @@ class TokenParallelDenoiser:
             return self.transformer(model_in, timestep, text, kv_cache=cache, frame_offset=frame_offset,
                                     update_cache=update_cache).sample
         frames = model_in.shape[2]
-        if update_cache and not self.split_cache_pass:
+        if update_cache and self.unsplit_forwards:
+            self._unsplit_left = self.unsplit_forwards - 1
             return self._whole_cache_pass(latents, timestep, frame_offset)
+        if self._unsplit_left > 0 and not update_cache:
+            self._unsplit_left -= 1
+            return self._on_first(latents, timestep, frame_offset, update_cache=False)
         plan = cache.plan(frame_offset, frames, update_cache)
         out = self._gather(self._run(model_in, timestep, frame_offset, update_cache, plan), model_in.shape)
         if update_cache:
@@ -210,8 +222,7 @@ class TokenParallelDenoiser:
         (each ``copy_`` runs on the first device's stream and orders both devices' streams, like ``_send``)."""
         frames = latents.shape[2]
         plans = [cache.plan(frame_offset, frames, True) for cache in self.caches[1:]]
-        with torch.cuda.device(self.devices[0]) if self.devices[0].type == "cuda" else nullcontext():
-            out = self._whole(latents, timestep, None, self.caches[0], frame_offset, update_cache=True)
+        out = self._on_first(latents, timestep, frame_offset, update_cache=True)
         source = self.caches[0]
         for cache, plan in zip(self.caches[1:], plans):
             for layer in range(cache.num_layers):
@@ -220,6 +231,11 @@ class TokenParallelDenoiser:
                     cache.values[layer][:, a:b].copy_(source.values[layer][:, a:b], non_blocking=True)
             cache.commit(frame_offset, frames)
         return out
+
+    def _on_first(self, latents, timestep, frame_offset, update_cache: bool) -> torch.Tensor:
+        """One whole forward on the first device's replica and cache (replayed as a CUDA graph where it can be)."""
+        with torch.cuda.device(self.devices[0]) if self.devices[0].type == "cuda" else nullcontext():
+            return self._whole(latents, timestep, None, self.caches[0], frame_offset, update_cache=update_cache)
 
     @property
     def _cache0(self):
