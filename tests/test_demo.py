@@ -160,6 +160,35 @@ def test_stream_switch_prompt_seed_and_mp4(pipe):
         assert not os.listdir(app.state.demo.videos_dir)  # the page closed: its video is deleted
 
 
+def test_every_stream_runs_on_one_model_thread(pipe, monkeypatch):
+    """Each job has its own thread, but the model code of every stream runs on the demo's one model thread: PyTorch
+    keeps cuDNN's execution plans per thread, and a fresh thread per stream re-planned every convolution."""
+    app = make_app(pipe)
+    ran_on, job_threads = [], []
+    stream = pipe.stream
+
+    def recording_stream(*args, **kwargs):
+        job_threads.append(threading.current_thread())  # the job's thread creates the generator
+
+        def chunks():
+            for chunk in stream(*args, **kwargs):
+                ran_on.append(threading.current_thread())
+                yield chunk
+        return chunks()
+
+    monkeypatch.setattr(pipe, "stream", recording_stream)
+    with TestClient(app) as http:
+        for seed in (0, 1):
+            with http.websocket_connect("/ws") as ws:
+                client = Client(ws)
+                client.send(type="start", prompt="a cat walks", seed=seed, length=21)
+                assert client.until("generated")["frames"] == 21
+                client.until("video")
+            wait_idle(app.state.demo)
+    assert len(ran_on) == 4 and len(set(ran_on)) == 1  # 2 streams x 2 chunks, one thread
+    assert len(set(job_threads)) == 2 and ran_on[0] not in job_threads
+
+
 def test_pause_resume_stop_ends_video_at_shown_frame(pipe):
     app = make_app(pipe)
     with TestClient(app) as http, http.websocket_connect("/ws") as ws:

@@ -12,7 +12,10 @@ Pieces, top to bottom:
 - :class:`DemoSession`: one WebSocket connection; its messages are listed in ``docs/demo.md``.
 - :func:`create_app`: the Starlette app (``pipeline=`` injects a pipeline, e.g. the tiny one in tests).
 
-The event loop never runs model code: the worker thread hands results over with ``loop.call_soon_threadsafe``.
+The event loop never runs model code: the worker thread hands results over with ``loop.call_soon_threadsafe``. The
+model code itself (creating, advancing and closing each stream) runs on one long-lived thread, ``Demo.model_thread``,
+whichever job asks: PyTorch keeps cuDNN's execution plans per thread, so a new thread per stream re-plans (and, with
+``enable_realtime``'s ``cudnn.benchmark``, re-benchmarks) every convolution of its first chunk.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -242,7 +246,7 @@ class GenerationJob:
             recorder = (AtomicVideoWriter(self.video_path, fps=demo.fps) if demo.settings.record_video
                         else _NoRecording())
             with recorder as writer:
-                stream = demo.pipe.stream(
+                stream = demo.pipe.stream(  # a generator: its code runs in `next`, on the model thread
                     self.prompt, num_frames=self.num_frames, height=demo.height, width=demo.width,
                     guidance_scale=demo.guidance_scale,
                     generator=torch.Generator(device="cpu").manual_seed(self.seed), output_type="np",
@@ -257,7 +261,7 @@ class GenerationJob:
                     with self.cond:
                         self.computing = self.received + 1
                     compute = time.perf_counter()
-                    chunk = next(stream, None)
+                    chunk = demo.on_model_thread(next, stream, None)
                     compute = time.perf_counter() - compute  # model + decode only, not the waits above
                     with self.cond:
                         self.computing = None
@@ -278,7 +282,7 @@ class GenerationJob:
                         self.emit(struct.pack(">I", start + i) + jpeg)
                     if self.cancelled:
                         raise _Cancelled
-                stream.close()  # frees the KV cache now, before the page has played the rest
+                demo.on_model_thread(stream.close)  # frees the KV cache now, before the page has played the rest
                 stream = None
                 self.on_generated()
                 self.emit({"type": "generated", "frames": self.sent, "stopped": self.stop_requested})
@@ -303,7 +307,7 @@ class GenerationJob:
                        "message": f"generation failed: {type(err).__name__}: {err}"})
         finally:
             if stream is not None:
-                stream.close()
+                demo.on_model_thread(stream.close)
             self.pending.clear()
             self.on_generated()
             self.emit({"type": "_finished"})
@@ -392,8 +396,18 @@ class Demo:
         self._counts_lock = threading.Lock()
         self.counts = {"generations": 0, "chunks": 0, "cancelled": 0, "failed": 0, "sessions": 0}
         self.running: set[GenerationJob] = set()  # jobs whose thread is alive
+        # every stream's model code, whichever job runs it: cuDNN's per-thread plan caches then last across streams
+        self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raven-demo-model")
         self.world_vocabulary = self._world_vocabulary()
         pipe.set_progress_bar_config(disable=True)  # per-chunk numbers go to the page; tqdm would add a thread
+
+    def on_model_thread(self, fn: Callable, *args, **kwargs):
+        """``fn(*args, **kwargs)`` on :attr:`model_thread`; the calling job's thread waits for it."""
+        try:
+            future = self.model_thread.submit(fn, *args, **kwargs)
+        except RuntimeError:  # shut down (the server is stopping): a job closing its stream does it here
+            return fn(*args, **kwargs)
+        return future.result()
 
     def count(self, key: str, n: int = 1) -> None:
         with self._counts_lock:
@@ -453,6 +467,7 @@ class Demo:
         return path if os.path.isfile(path) else None
 
     def close(self) -> None:
+        self.model_thread.shutdown(wait=False, cancel_futures=True)
         self._videos.cleanup()
 
 
