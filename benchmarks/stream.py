@@ -116,9 +116,10 @@ def main():
     p.add_argument("--fp8", action="store_true", help="realtime modes: enable_realtime(fp8=True) (FP8 linear layers)")
     p.add_argument("--transformer_split", type=float, default=None,
                    help="with --devices: enable_realtime(transformer_split=...), the first GPU's share of the tokens")
-    p.add_argument("--unsplit_forwards", type=int, default=0,
+    p.add_argument("--unsplit_forwards", type=int, default=None,
                    help="with --transformer_split: enable_realtime(unsplit_forwards=N), forwards per chunk run whole "
-                        "on the first GPU while the second decodes (1: the cache pass, 2: also the next first step)")
+                        "on the first GPU while the second decodes (0: none, 1: the cache pass, 2 (the default): also "
+                        "the next chunk's first step)")
     p.add_argument("--local_attn_size", type=int, default=None, help="KV window (latent frames) for long streams")
     p.add_argument("--sink_size", type=int, default=None, help="sink (latent frames) for long streams")
     args = p.parse_args()
@@ -126,7 +127,7 @@ def main():
     if args.mode == "eager" and (devices or args.fp8 or args.preview_decoder or args.transformer_split):
         p.error("--devices / --fp8 / --preview_decoder / --transformer_split need a realtime mode (they are "
                 "enable_realtime options).")
-    if args.unsplit_forwards and args.transformer_split is None:
+    if args.unsplit_forwards is not None and args.transformer_split is None:
         p.error("--unsplit_forwards needs --transformer_split (it runs some of the split transformer's forwards "
                 "whole).")
     if args.transformer_split is not None and not devices:
@@ -245,7 +246,8 @@ def main():
         "mean_abs_diff_vs_eager_latents": mean_diff,
         "fp8": args.fp8,
         "transformer_split": args.transformer_split,
-        "unsplit_forwards": args.unsplit_forwards if args.transformer_split is not None else None,
+        "unsplit_forwards": (2 if args.unsplit_forwards is None else args.unsplit_forwards)
+        if args.transformer_split is not None else None,
         "preview_decoder": args.preview_decoder,
         "cuda_graphs_captured": len(graphs.graphs) if graphs else None,
         "cuda_graphs_disabled_reason": graphs.disabled_reason if graphs else None,

@@ -17,15 +17,16 @@ launching stays cheap for the host; the graphs share one memory pool per device 
 they were captured. On CPU (tests) the same sequence runs eagerly.
 
 Measured on two H200s with FlashAttention-4 (BENCHMARKS.md, 480x832, 81 frames): the transformer alone takes
-1.84 s on one GPU, 1.11 s split evenly. With the Wan VAE decoding on the second GPU the whole stream goes from
-2.16 s (transformer on one GPU) to 1.91 s: the decode shares that GPU with transformer work the first one waits for
-at every block, so it does not hide. Giving the second GPU a smaller share did not help (0.65: 2.08 s): the first
-GPU's attention then needs a third wave of 128-query tiles (12 heads x tiles over 132 SMs).
+1.84 s on one GPU, 1.10 s split evenly. With the Wan VAE decoding on the second GPU and every forward split, the whole
+stream takes 1.83-1.86 s: the decode shares that GPU with transformer work the first one waits for at every block, so
+it does not hide. With ``unsplit_forwards=2`` (the default, see below) it takes 1.65-1.70 s. Giving the second GPU a
+smaller share did not help (0.65: 2.08 s without unsplit forwards; 0.58 with two: 1.75 s): the first GPU's attention
+then needs a third wave of 128-query tiles (12 heads x tiles over 132 SMs).
 
 The replicas are copies made when it is built: load weights and LoRA adapters before ``enable_realtime``. Graphs are
 captured per chunk position (as :mod:`~raven_video.pipelines.cuda_graphs` does), times the block boundaries and the
-devices: 13 positions x 31 x 2 for an 81-frame video; a one-minute windowed stream (161 positions) would capture ~10k
-graphs, which has not been tried on a GPU.
+devices: 13 positions x 31 x 2 for an 81-frame video. A one-minute windowed stream (969 frames, ``unsplit_forwards=2``)
+captured 81 split calls, ~5,000 graphs, in a 46 s warm-up on two H200s, then ran at 37.6 FPS (BENCHMARKS.md).
 
 Calls it does not split run on the first device's transformer, eagerly: gradients, per-frame timesteps, a cache it did
 not allocate, and caches without the text K/V (``cache_text=False``).
@@ -34,8 +35,9 @@ not allocate, and caches without the text K/V (``cache_text=False``).
 chunk's cache pass (Alg. 1 l.8), so that pass (``n >= 1``) and the next chunk's first ``n - 1`` denoising forwards run
 whole on the first device (CUDA graphs of :class:`~raven_video.pipelines.cuda_graphs.StreamingGraphs` on its
 replica) while the second decodes uncontested. After the cache pass the chunk's K/V of every layer are copied into
-the other devices' caches (peer copies, ~0.9 GB at 480x832). Each whole forward takes longer than a split one; the
-gain is the decode no longer delaying the lockstep.
+the other devices' caches (peer copies, ~0.9 GB at 480x832). Each whole forward takes longer than a split one (~54
+against ~32 ms); the gain is the decode (~0.11 s per chunk) no longer delaying the lockstep. On two H200s: 1.83-1.86 s
+with 0, 1.67 s with 1, 1.65-1.70 s with 2, 1.81 s with 3.
 """
 
 from __future__ import annotations
@@ -115,14 +117,14 @@ class TokenParallelDenoiser:
         cuda_graphs: capture and replay the forwards as CUDA graphs (CUDA only).
         warmup_calls: eager runs of each distinct call before it is captured.
         unsplit_forwards: forwards per chunk run whole on the first device, leaving the others free for the decode:
-            0 (default) splits every forward, 1 runs each cache pass whole, 2 also the next chunk's first step, ...
-            (module docstring).
+            0 splits every forward, 1 runs each cache pass whole, 2 (default, the fastest measured) also the next
+            chunk's first step, ... (module docstring).
 
     Use through ``pipe.enable_realtime(devices=("cuda:0", "cuda:1"), transformer_split=0.5)``.
     """
 
     def __init__(self, transformer, devices, shares=None, cuda_graphs: bool = True, warmup_calls: int = 1,
-                 unsplit_forwards: int = 0):
+                 unsplit_forwards: int = 2):
         self.devices = [torch.device(d) for d in devices]
         if len(self.devices) < 2:
             raise ValueError(f"devices={tuple(devices)}: token parallelism needs at least two devices.")
