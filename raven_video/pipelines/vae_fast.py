@@ -267,7 +267,7 @@ class FastWanDecoder(torch.nn.Module):
         if feat_cache is None:
             return self.causal_conv(conv, x)
         idx = feat_idx[0]
-        cache_x = x[:, :, -CACHE_T:]  # a view (diffusers clones): nothing here writes into a convolution's input
+        cache_x = x[:, :, -CACHE_T:].clone()
         if cache_x.shape[2] < 2 and feat_cache[idx] is not None:
             cache_x = torch.cat([feat_cache[idx][:, :, -1:].to(cache_x.device), cache_x], dim=2)
         out = self.causal_conv(conv, x, feat_cache[idx])
@@ -307,7 +307,7 @@ class FastWanDecoder(torch.nn.Module):
         kernel = _row_kernel("_rows_pad_norm_silu", self.compile, channels)
         padded = _unrows(kernel(_rows(front), _rows(x), self._norm_weight(norm), bias), batch, height, width)
         if feat_cache is not None:
-            feat_cache[feat_idx[0]] = padded[:, :, -CACHE_T:]  # a view, see _cached_conv
+            feat_cache[feat_idx[0]] = padded[:, :, -CACHE_T:].clone()
             feat_idx[0] += 1
         return padded
 
@@ -340,7 +340,7 @@ class FastWanDecoder(torch.nn.Module):
             if feat_cache[idx] is None:
                 feat_cache[idx] = "Rep"  # diffusers' marker: the stream has begun, no frames cached yet
             else:
-                cache_x = x[:, :, -CACHE_T:]  # a view, see _cached_conv
+                cache_x = x[:, :, -CACHE_T:].clone()
                 if cache_x.shape[2] < 2:
                     previous = feat_cache[idx]
                     front = torch.zeros_like(cache_x) if isinstance(previous, str) else \
