@@ -95,18 +95,29 @@ def test_enable_realtime_vae_fuse_keeps_pipeline_outputs():
     assert _untouched(fast.vae)
 
 
-def test_nearest_2x_upsampling_is_the_module_s_bit_for_bit():
-    """Wan's nearest-exact 2x upsampling as one broadcast copy (the fused path): the same values as
-    ``nn.Upsample``, in channels-last memory, for channels-last and contiguous inputs; other modes are left to it."""
-    from raven_video.pipelines.vae_fast import _upsample_nearest
+@pytest.mark.parametrize("compile", [False, True])
+def test_frame_interleave_and_nearest_2x_upsampling_are_diffusers_bit_for_bit(compile):
+    """The time-doubled frames' interleave and Wan's nearest-exact 2x upsampling as one copy (the fused path): the
+    same values as diffusers' reshape + stack + ``nn.Upsample``, in channels-last memory, for channels-last and
+    contiguous inputs, eager and compiled."""
+    from raven_video.pipelines.vae_fast import _is_nearest_2x, _row_kernel
 
-    x = torch.randn(3, 5, 4, 6, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
-    for mode in ("nearest-exact", "nearest"):
-        module = torch.nn.Upsample(scale_factor=(2.0, 2.0), mode=mode)
-        for frames in (x, x.contiguous(memory_format=torch.channels_last)):
-            out = _upsample_nearest(module, frames)
-            assert torch.equal(out, module(frames)) and out.is_contiguous(memory_format=torch.channels_last)
-    bilinear = torch.nn.Upsample(scale_factor=2.0, mode="bilinear")
-    triple = torch.nn.Upsample(scale_factor=3.0, mode="nearest")
-    for module in (bilinear, triple):
-        assert torch.equal(_upsample_nearest(module, x), module(x))
+    gen = torch.Generator().manual_seed(0)
+    module = torch.nn.Upsample(scale_factor=(2.0, 2.0), mode="nearest-exact")
+    for doubled in (False, True):
+        for t in (1, 3):  # several frame counts: the compiled kernel's shapes are dynamic
+            x = torch.randn(1, 8, t, 4, 6, generator=gen).to(torch.bfloat16)
+            b, c, _, h, w = x.shape
+            expected = x
+            if doubled:  # diffusers' WanResample.forward for upsample3d after its time convolution
+                c //= 2
+                expected = x.reshape(b, 2, c, t, h, w)
+                expected = torch.stack((expected[:, 0], expected[:, 1]), 3).reshape(b, c, t * 2, h, w)
+            expected = module(expected.permute(0, 2, 1, 3, 4).reshape(-1, c, h, w))
+            for inputs in (x, x.contiguous(memory_format=torch.channels_last_3d)):
+                out = _row_kernel("_frames_up2x", compile, inputs.shape[1])(inputs, doubled)
+                assert torch.equal(out, expected) and out.is_contiguous(memory_format=torch.channels_last)
+    assert _is_nearest_2x(module) and _is_nearest_2x(torch.nn.Upsample(scale_factor=2.0, mode="nearest"))
+    for other in (torch.nn.Upsample(scale_factor=2.0, mode="bilinear"), torch.nn.Upsample(scale_factor=3.0),
+                  torch.nn.Upsample(size=(8, 8)), torch.nn.Identity()):
+        assert not _is_nearest_2x(other)

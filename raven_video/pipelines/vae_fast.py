@@ -19,8 +19,9 @@ Two levers, each switchable:
 * **Fused pointwise work** (``fuse``). Each ``WanRMS_norm`` runs in fp32 in several passes, then SiLU, and
   ``WanUpsample`` round-trips through fp32. Fused: a residual block's input of each convolution ("cached frames +
   RMS norm + SiLU + the previous convolution's bias") is built in one ``torch.compile``-d row kernel over the channel
-  axis, its output ("bias + shortcut") in another, and upsampling (nearest: copies values) stays in the activation
-  dtype. One rounding to bf16 instead of two.
+  axis, its output ("bias + shortcut") in another, and each upsampling (nearest: copies values) stays in the activation
+  dtype, one compiled copy together with the interleave of the time-doubled frames (diffusers copies three times).
+  One rounding to bf16 instead of two.
 
 Hand-written because diffusers has no fast or streaming path for this decoder; pinned to diffusers 0.42.1 like
 :mod:`~raven_video.pipelines.vae_streaming`.
@@ -139,12 +140,43 @@ def _rows_residual(rows: torch.Tensor, shortcut: torch.Tensor, bias: torch.Tenso
     return (rows.float() + bias.float() + shortcut.float()).to(rows.dtype)
 
 
-_ROW_KERNELS = {f.__name__: f for f in (_rows_norm_silu, _rows_pad_norm_silu, _rows_residual)}
+def _frames_up2x(x: torch.Tensor, doubled: bool) -> torch.Tensor:
+    """``WanResample``'s data movement before its 2-D convolution, as one copy: ``x`` ``[B, C', T, H, W]`` -> frames
+    ``[B*T', C, 2H, 2W]`` in channels-last memory, upsampled nearest 2x (``nearest-exact`` at 2x reads source pixel
+    ``i // 2``). ``doubled``: ``x`` is the time convolution's output (``C' = 2C``, ``T' = 2T``); its two channel halves
+    are frames ``2t`` and ``2t + 1`` (diffusers' ``reshape(b, 2, c, ...)`` then ``stack(..., 3)``).
+
+    diffusers (and the unfused path) copy three times: the frame interleave, the move of frames to the batch axis and
+    PyTorch's nearest-upsampling kernel; compiled, this is one pointwise kernel."""
+    b, channels, t, h, w = x.shape
+    if doubled:
+        c = channels // 2
+        z = x.reshape(b, 2, c, t, h, w).permute(0, 3, 1, 4, 5, 2)  # [B, T, 2, H, W, C]
+        z = z[:, :, :, :, None, :, None, :].expand(b, t, 2, h, 2, w, 2, c)
+        frames = b * t * 2
+    else:
+        c = channels
+        z = x.permute(0, 2, 3, 4, 1)[:, :, :, None, :, None, :].expand(b, t, h, 2, w, 2, c)  # [B, T, H, 2, W, 2, C]
+        frames = b * t
+    return z.reshape(frames, 2 * h, 2 * w, c).permute(0, 3, 1, 2)
+
+
+def _is_nearest_2x(upsample: torch.nn.Module) -> bool:
+    """Whether ``upsample`` is Wan's: ``nn.Upsample`` nearest (or nearest-exact) 2x, which :func:`_frames_up2x` does."""
+    if not isinstance(upsample, torch.nn.Upsample) or upsample.size is not None:
+        return False
+    scale = upsample.scale_factor
+    scale = tuple(scale) if isinstance(scale, (tuple, list)) else (scale, scale)
+    return upsample.mode in ("nearest", "nearest-exact") and tuple(float(f) for f in scale) == (2.0, 2.0)
+
+
+_ROW_KERNELS = {f.__name__: f for f in (_rows_norm_silu, _rows_pad_norm_silu, _rows_residual, _frames_up2x)}
 _COMPILED: dict = {}
 
 
 def _row_kernel(name: str, compiled: bool, channels: int):
-    """The row kernel ``name``, compiled for ``channels`` channels (rows dynamic).
+    """The kernel ``name`` (a row kernel, or :func:`_frames_up2x`), compiled for ``channels`` channels (rows or
+    frames dynamic).
 
     Each channel count gets its own copy of the function's code object, so each has its own dynamo cache and
     recompile budget (a decoder has 3 channel counts and, per count, graphs for the first and the later frames).
@@ -172,22 +204,6 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 def _unrows(rows: torch.Tensor, batch: int, height: int, width: int) -> torch.Tensor:
     """Inverse of :func:`_rows`: ``[B*T*H*W, C]`` -> ``[B, C, T, H, W]`` in channels_last_3d memory (a view)."""
     return rows.view(batch, -1, height, width, rows.shape[1]).permute(0, 4, 1, 2, 3)
-
-
-def _upsample_nearest(upsample: torch.nn.Upsample, frames: torch.Tensor) -> torch.Tensor:
-    """``nn.Upsample.forward`` in the activation dtype; for Wan's nearest 2x (``nearest-exact``: source pixel
-    ``floor((i + 0.5) / 2) = i // 2``) one broadcast copy into channels-last memory instead of PyTorch's NHWC upsampling
-    kernel (2.1 ms per 4-frame 192 x 240 x 416 input on an H200, ~13x slower than its memory traffic)."""
-    if upsample.mode not in ("nearest", "nearest-exact") or upsample.size is not None or \
-            tuple(float(f) for f in _pair(upsample.scale_factor)) != (2.0, 2.0):
-        return torch.nn.Upsample.forward(upsample, frames)
-    n, c, h, w = frames.shape
-    nhwc = frames.permute(0, 2, 3, 1)[:, :, None, :, None, :].expand(n, h, 2, w, 2, c)
-    return nhwc.reshape(n, 2 * h, 2 * w, c).permute(0, 3, 1, 2)  # [N, C, 2H, 2W], channels-last
-
-
-def _pair(value) -> tuple:
-    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
 
 # ------------------------------------------------------------------------------------ the decoder
@@ -335,6 +351,7 @@ class FastWanDecoder(torch.nn.Module):
         stream's first call the cache slot only records that it started, so the single first frame is not doubled),
         then nearest 2x spatial upsampling and a 3x3 convolution per frame."""
         b, c, t, h, w = x.shape
+        doubled = False
         if resample.mode == "upsample3d" and feat_cache is not None:
             idx = feat_idx[0]
             if feat_cache[idx] is None:
@@ -349,17 +366,21 @@ class FastWanDecoder(torch.nn.Module):
                 x = self.causal_conv(resample.time_conv, x, None if isinstance(feat_cache[idx], str)
                                      else feat_cache[idx])
                 feat_cache[idx] = cache_x
-                x = x.reshape(b, 2, c, t, h, w)
-                x = torch.stack((x[:, 0], x[:, 1]), 3).reshape(b, c, t * 2, h, w)
+                doubled = True
             feat_idx[0] += 1
         elif resample.mode not in ("upsample2d", "upsample3d"):
             raise ValueError(f"FastWanDecoder decodes; a {resample.mode!r} resample belongs to an encoder.")
-        t = x.shape[2]
-        frames = x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
         upsample, conv = resample.resample
-        # nearest-neighbour upsampling copies values: in the activation dtype it is bit-identical to diffusers'
-        # fp32 round trip
-        frames = _upsample_nearest(upsample, frames) if self.fuse else upsample(frames)
+        if self.fuse and _is_nearest_2x(upsample):
+            # nearest-neighbour upsampling copies values: in the activation dtype it is bit-identical to diffusers'
+            # fp32 round trip, and the frame interleave and the upsampling are one copy
+            frames = _row_kernel("_frames_up2x", self.compile, x.shape[1])(x, doubled)
+        else:
+            if doubled:
+                x = x.reshape(b, 2, c, t, h, w)
+                x = torch.stack((x[:, 0], x[:, 1]), 3).reshape(b, c, t * 2, h, w)
+            frames = upsample(x.permute(0, 2, 1, 3, 4).reshape(-1, c, h, w))
+        t = frames.shape[0] // b
         frames = conv(frames)
         return frames.view(b, t, frames.size(1), frames.size(2), frames.size(3)).permute(0, 2, 1, 3, 4)
 
