@@ -96,7 +96,8 @@ def main():
     if args.first_chunk:
         result["first_chunk"] = first_chunk_table(pipe, text, args, args.top)
     if not args.model:
-        result["vae_ops"] = vae_op_table(pipe.vae, args.top)
+        result["vae_decoder"] = type(pipe._fast_decoder or pipe.vae.decoder).__name__
+        result["vae_ops"] = vae_op_table(pipe.vae, args.top, decoder=pipe._fast_decoder)
     print(json.dumps(result))
 
 
@@ -125,16 +126,17 @@ def first_chunk_table(pipe, text, args, top: int) -> dict:
                           for e in by_cuda]}
 
 
-def vae_op_table(vae, top: int) -> list:
-    """Self CUDA time per (aten op, input shapes) of one streamed decode of 21 latent frames, top ``top``."""
+def vae_op_table(vae, top: int, decoder=None) -> list:
+    """Self CUDA time per (aten op, input shapes) of one streamed decode of 21 latent frames, top ``top``, with the
+    decoder the stream uses (``enable_realtime``'s ``FastWanDecoder``; None: diffusers' ``vae.decoder``)."""
     from raven_video.pipelines.vae_streaming import StreamingWanDecoder
 
     latents = torch.randn(1, 16, 21, 60, 104, device="cuda", dtype=torch.bfloat16)
 
     def decode():
-        decoder = StreamingWanDecoder(vae)
+        streaming = StreamingWanDecoder(vae, decoder=decoder)
         for start in range(0, 21, 3):
-            decoder.decode_chunk(latents[:, :, start:start + 3])
+            streaming.decode_chunk(latents[:, :, start:start + 3])
         torch.cuda.synchronize()
 
     decode()
