@@ -385,11 +385,10 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         if unsplit_forwards is not None and transformer_split is None:
             raise ValueError(f"unsplit_forwards={unsplit_forwards!r} needs transformer_split (it runs some of the "
                              "split transformer's forwards whole), e.g. transformer_split=0.5.")
-        unsplit_forwards = 2 if unsplit_forwards is None else unsplit_forwards
-        if int(unsplit_forwards) != unsplit_forwards or unsplit_forwards < 0:
-            raise ValueError(f"unsplit_forwards={unsplit_forwards!r}: give a whole number >= 0 (0 splits every "
-                             "forward, 1 runs each cache pass whole on the first device, 2 also the next chunk's "
-                             "first step).")
+        if transformer_split is not None:
+            from .token_parallel import check_unsplit_forwards
+
+            unsplit_forwards = check_unsplit_forwards(2 if unsplit_forwards is None else unsplit_forwards)
         self._decode_device = None
         if devices is not None:
             self._place_decoder(devices, split=transformer_split is not None)

@@ -75,6 +75,14 @@ def token_bounds(num_tokens: int, shares, align: int = TOKEN_ALIGN) -> list[tupl
     return bounds
 
 
+def check_unsplit_forwards(value) -> int:
+    """``unsplit_forwards`` as an int, or a one-line error naming the bad value."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < 0:
+        raise ValueError(f"unsplit_forwards={value!r}: give a whole number >= 0 (0 splits every forward, 1 runs each "
+                         "cache pass whole on the first device, 2 also the next chunk's first step).")
+    return int(value)
+
+
 @dataclass
 class _State:
     """One device's activations between segments of a forward."""
@@ -131,6 +139,7 @@ class TokenParallelDenoiser:
         shares = tuple(float(s) for s in (shares or [1.0] * len(self.devices)))
         if len(shares) != len(self.devices) or any(not s > 0 for s in shares):
             raise ValueError(f"shares={shares}: give one positive share per device ({len(self.devices)}).")
+        unsplit_forwards = check_unsplit_forwards(unsplit_forwards)
         if transformer.device != self.devices[0]:
             raise ValueError(f"the transformer is on {transformer.device}, devices[0] is {self.devices[0]}: call "
                              f"pipe.to({str(self.devices[0])!r}) first.")
@@ -145,13 +154,10 @@ class TokenParallelDenoiser:
         self.calls: Counter = Counter()
         self.pools = None
         self.disabled_reason: str | None = None
-        if int(unsplit_forwards) != unsplit_forwards or unsplit_forwards < 0:
-            raise ValueError(f"unsplit_forwards={unsplit_forwards!r}: give a whole number >= 0 (0 splits every forward, "
-                             "1 runs each cache pass whole on the first device, 2 also the next chunk's first step).")
-        self.unsplit_forwards = int(unsplit_forwards)
+        self.unsplit_forwards = unsplit_forwards
         self._unsplit_left = 0  # denoising forwards still to run whole after the last whole cache pass
-        self._whole = None  # the first device's whole-forward runner (unsplit_forwards > 0)
-        if self.unsplit_forwards:
+        self._whole = None  # CUDA graphs of the first device's whole forwards (unsplit_forwards > 0)
+        if self.unsplit_forwards and self.cuda_graphs:
             from .cuda_graphs import StreamingGraphs
 
             self._whole = StreamingGraphs(transformer, warmup_calls=warmup_calls)
@@ -237,6 +243,9 @@ class TokenParallelDenoiser:
     def _on_first(self, latents, timestep, frame_offset, update_cache: bool) -> torch.Tensor:
         """One whole forward on the first device's replica and cache (replayed as a CUDA graph where it can be)."""
         with torch.cuda.device(self.devices[0]) if self.devices[0].type == "cuda" else nullcontext():
+            if self._whole is None:  # no CUDA graphs
+                return self.transformer(latents.to(self.transformer.dtype), timestep, None, kv_cache=self.caches[0],
+                                        frame_offset=frame_offset, update_cache=update_cache).sample
             return self._whole(latents, timestep, None, self.caches[0], frame_offset, update_cache=update_cache)
 
     @property
