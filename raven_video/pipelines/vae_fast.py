@@ -179,7 +179,8 @@ def _row_kernel(name: str, compiled: bool, channels: int):
     frames dynamic).
 
     Each channel count gets its own copy of the function's code object, so each has its own dynamo cache and
-    recompile budget (a decoder has 3 channel counts and, per count, graphs for the first and the later frames).
+    recompile budget (a decoder has a few channel counts per kernel and, per count, graphs for the first and the later
+    frames).
     """
     fn = _ROW_KERNELS[name]
     if not compiled:
