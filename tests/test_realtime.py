@@ -110,6 +110,48 @@ def test_fa4_kernel_is_what_the_streaming_self_attention_calls(eager_frames, mon
     assert not calls
 
 
+def test_gelu_epilogue_seam_gives_the_eager_outputs_and_keeps_wrapped_linears(eager_frames, monkeypatch):
+    """enable_realtime's FFN GELU-epilogue GEMM: off on CPU (there ``torch._addmm_activation`` computes the erf GELU);
+    with a stand-in for the cuBLASLt call (tanh GELU of the biased GEMM) it is called once per block and forward and
+    gives the eager outputs; a linear wrapped later (e.g. by an adapter) goes back to the module path."""
+    from raven_video.models import transformer_causal_wan as tcw
+
+    pipe = tiny_pipeline(seed=0).enable_realtime(compile=False, cudnn_benchmark=False)
+    assert not any(block._gelu_epilogue for block in pipe.transformer.blocks)  # CPU weights: not the CUDA form
+    calls = []
+
+    def addmm_gelu(bias, mat1, mat2, use_gelu=False):
+        assert use_gelu and mat1.dim() == 2 and mat2.shape == (mat1.shape[1], bias.shape[0])
+        calls.append(mat1.shape)
+        return torch.nn.functional.gelu(torch.addmm(bias, mat1, mat2), approximate="tanh")
+
+    monkeypatch.setattr(torch, "_addmm_activation", addmm_gelu)
+    monkeypatch.setattr(tcw, "_gelu_epilogue_fits", lambda block: True)
+    pipe = tiny_pipeline(seed=0).enable_realtime(compile=False, cudnn_benchmark=False)
+    pipe.set_progress_bar_config(disable=True)
+    assert all(block._gelu_epilogue for block in pipe.transformer.blocks)
+    out = pipe("a cat walks", generator=torch.Generator().manual_seed(0), output_type="pt", **SIZE).frames
+    torch.testing.assert_close(out, eager_frames, rtol=0, atol=1e-5)
+    chunks = len(pipe.transformer.chunk_sizes(pipe.latent_frames(SIZE["num_frames"])))
+    forwards = chunks * 4 + chunks - 1  # 4 steps per chunk, a cache pass for all but the last
+    assert len(calls) == pipe.transformer.config.num_layers * forwards
+
+    class Wrapped(torch.nn.Module):  # what an adapter does to the linear: the epilogue would skip its extra path
+        def __init__(self, base):
+            super().__init__()
+            self.base = base
+
+        def forward(self, x):
+            return self.base(x) * 0.5
+
+    block = pipe.transformer.blocks[0]
+    block.ffn.net[0].proj = Wrapped(block.ffn.net[0].proj)
+    x = torch.randn(1, 6, block.ffn.net[0].proj.base.in_features)
+    calls.clear()
+    torch.testing.assert_close(tcw._feed_forward(block, x), block.ffn(x), rtol=0, atol=0)
+    assert not calls
+
+
 def test_cuda_graph_runner_keeps_cache_addresses_and_stays_eager_on_cpu(eager_frames):
     """What CUDA graphs rely on, checked on CPU: one KV cache per stream shape (reset, not reallocated), text K/V
     rewritten in place for a new prompt, RoPE tables cached; on CPU the runner runs eagerly with equal outputs."""

@@ -214,9 +214,38 @@ def _block_post_attention(block: "CausalWanTransformerBlock", hidden_states, att
     hidden_states = hidden_states + block.attn2.processor.cross_attend(block.attn2, norm, text_key, text_value)
 
     norm = (per_frame(block.norm3(hidden_states.float())) * (1 + c_scale_msa) + c_shift_msa).view(batch, length, dim)
-    ff_output = block.ffn(norm.type_as(hidden_states))
+    ff_output = _feed_forward(block, norm.type_as(hidden_states))
     out = per_frame(hidden_states.float()) + per_frame(ff_output.float()) * c_gate_msa
     return out.view(batch, length, dim).type_as(hidden_states)
+
+
+def _gelu_epilogue_fits(block: "CausalWanTransformerBlock") -> bool:
+    """Whether the block's FFN opens with a plain biased ``nn.Linear`` and Wan's tanh GELU on a CUDA device: the
+    form one cuBLASLt GEMM with a GELU epilogue computes (not FP8 or peft-wrapped linears; not on CPU, where
+    ``torch._addmm_activation`` computes the erf GELU instead of the tanh one)."""
+    act = block.ffn.net[0]
+    proj = getattr(act, "proj", None)
+    return (type(proj) is nn.Linear and proj.bias is not None and getattr(act, "approximate", None) == "tanh"
+            and proj.weight.is_cuda)
+
+
+def _feed_forward(block: "CausalWanTransformerBlock", hidden_states: torch.Tensor) -> torch.Tensor:
+    """The block's FFN. With ``block._gelu_epilogue`` (:meth:`CausalWanTransformer3DModel.set_gelu_epilogue`) the
+    first linear and its tanh GELU are one cuBLASLt GEMM whose epilogue adds the bias and applies the GELU
+    (``torch._addmm_activation``): the separate GELU kernel, a read and a write of the ``[L, ffn_dim]`` activation,
+    is gone (H200, 4,680 tokens: the FFN 419 -> 380 us; a streamed 81-frame video 2.711 -> 2.677 s, BENCHMARKS.md).
+    The GELU is then applied to the fp32 accumulator before the bf16 rounding, where the module path rounds twice."""
+    ffn = block.ffn
+    # re-checked per call: an adapter may wrap the linear later, and the fused op has no derivative (inference only)
+    if not (block._gelu_epilogue and type(ffn.net[0].proj) is nn.Linear and not torch.is_grad_enabled()):
+        return ffn(hidden_states)
+    proj = ffn.net[0].proj
+    out = torch._addmm_activation(proj.bias, hidden_states.reshape(-1, hidden_states.shape[-1]), proj.weight.t(),
+                                  use_gelu=True)
+    out = out.view(*hidden_states.shape[:-1], out.shape[-1])
+    for module in ffn.net[1:]:  # dropout (identity in eval), the second linear
+        out = module(out)
+    return out
 
 
 class CausalWanTransformerBlock(WanTransformerBlock):
@@ -232,6 +261,7 @@ class CausalWanTransformerBlock(WanTransformerBlock):
     # Replaced by compiled versions (shared by all blocks) in CausalWanTransformer3DModel.compile_streaming().
     _pre_attention = staticmethod(_block_pre_attention)
     _post_attention = staticmethod(_block_post_attention)
+    _gelu_epilogue = False  # set per block by CausalWanTransformer3DModel.set_gelu_epilogue (inference speed)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -338,6 +368,16 @@ class CausalWanTransformer3DModel(WanTransformer3DModel):
         for block in self.blocks:
             block._pre_attention = pre
             block._post_attention = post
+
+    def set_gelu_epilogue(self, enabled: bool = True) -> int:
+        """Run each block's FFN up-projection and tanh GELU as one cuBLASLt GEMM with a GELU epilogue
+        (:func:`_feed_forward`), for inference on CUDA; ``enable_realtime`` turns it on. Blocks whose FFN does not
+        fit (FP8 or peft-wrapped linears, a CPU device) keep the module path. Returns how many blocks use it."""
+        count = 0
+        for block in self.blocks:
+            block._gelu_epilogue = bool(enabled) and _gelu_epilogue_fits(block)
+            count += block._gelu_epilogue
+        return count
 
     def set_self_attention_kernel(self, kernel: str | None) -> None:
         """Pick the kernel of the unmasked self-attention (streaming, bidirectional): ``"fa4"`` (FlashAttention-4,

@@ -327,9 +327,10 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
     ) -> "CausalWanPipeline":
         """Turn on the fast streaming path (outputs equal the eager path up to kernel numerics; see BENCHMARKS.md).
 
-        Everything wraps the sampler from outside: the transformer blocks are compiled, its streaming calls replayed
-        as CUDA graphs (a :class:`~raven_video.sampling.sampler.Denoiser` of its own), and the VAE decode runs a
-        faster decoder on a second CUDA stream. The first two streams of a shape are slower: compilation, then
+        Everything wraps the sampler from outside: the transformer blocks are compiled (on CUDA each FFN's GELU runs
+        in its up-projection's GEMM epilogue, ``CausalWanTransformer3DModel.set_gelu_epilogue``), its streaming calls
+        replayed as CUDA graphs (a :class:`~raven_video.sampling.sampler.Denoiser` of its own), and the VAE decode runs
+        a faster decoder on a second CUDA stream. The first two streams of a shape are slower: compilation, then
         CUDA-graph capture.
 
         Args:
@@ -396,6 +397,7 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             from ..models.fp8 import enable_fp8
 
             enable_fp8(self.transformer)  # before compilation and CUDA-graph capture
+        self.transformer.set_gelu_epilogue(True)  # the FFN's GELU in its GEMM's epilogue (CUDA; not FP8 linears)
         if compile:
             self.transformer.compile_streaming(**compile_kwargs)
         if attention_backend is not None:
