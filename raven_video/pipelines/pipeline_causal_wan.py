@@ -359,7 +359,9 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                 the second device does not exist.
             fp8: FP8 linear layers (row-wise scaled ``torch._scaled_mm``) for the blocks' self-attention projections
                 and FFNs, attention in bf16 (:mod:`raven_video.models.fp8`; ~3 % relative error per layer). Inference
-                only; one log line and no change where FP8 GEMMs cannot run (GPUs before sm89).
+                only; one log line and no change where FP8 GEMMs cannot run (GPUs before sm89). On an H200 it is no
+                longer faster than bf16 (2.51 vs 2.49 s, BENCHMARKS.md): FP8 linears give up the GELU epilogue, and
+                each call quantises its input.
             preview_decoder: a :class:`~raven_video.pipelines.preview_decoder.TAEHVDecoder`, a ``.safetensors``
                 file of TAEHV weights in the official layout (e.g. ``taew2_1``), or a ``TAEHVDecoder`` folder (e.g.
                 one ``train_preview_decoder.py`` distilled from this pipeline's VAE): each chunk is decoded by that
