@@ -237,8 +237,9 @@ def _feed_forward(block: "CausalWanTransformerBlock", hidden_states: torch.Tenso
     is gone (H200, 4,680 tokens: the FFN 419 -> 380 us; a streamed 81-frame video 2.711 -> 2.677 s, BENCHMARKS.md).
     The GELU is then applied to the fp32 accumulator before the bf16 rounding, where the module path rounds twice."""
     ffn = block.ffn
-    # re-checked per call: an adapter may wrap the linear later, and the fused op has no derivative (inference only)
-    if not (block._gelu_epilogue and type(ffn.net[0].proj) is nn.Linear and not torch.is_grad_enabled()):
+    # the fit is checked per call too (an adapter may wrap the linear, the model may move to the CPU after
+    # set_gelu_epilogue), and the fused op has no derivative (inference only)
+    if not (block._gelu_epilogue and _gelu_epilogue_fits(block) and not torch.is_grad_enabled()):
         return ffn(hidden_states)
     proj = ffn.net[0].proj
     out = torch._addmm_activation(proj.bias, hidden_states.reshape(-1, hidden_states.shape[-1]), proj.weight.t(),
