@@ -27,6 +27,14 @@ from ..models.kv_cache import WanKVCache
 logger = logging.getLogger(__name__)
 
 
+def text_up_front(text: torch.Tensor | None, cache: WanKVCache, own_cache: WanKVCache | None) -> bool:
+    """Whether a streaming call should first put the prompt's text K/V into its runner's own ``cache``
+    (``transformer.cache_text``): then every forward, the stream's first included, runs without text and can be a
+    graph replay. Inference only; a cache kept without text K/V, or another cache, is left alone."""
+    return (text is not None and cache is own_cache and cache.cache_text and not cache.has_text
+            and not torch.is_grad_enabled())
+
+
 class _Graph:
     def __init__(self, graph: torch.cuda.CUDAGraph, inputs: torch.Tensor, timestep: torch.Tensor,
                  output: torch.Tensor, keep: tuple = ()):
@@ -80,9 +88,7 @@ class StreamingGraphs:
                  frame_offset: int, update_cache: bool = False) -> torch.Tensor:
         """``transformer(latents, timestep, text, kv_cache=cache, frame_offset=..., update_cache=...).sample``."""
         model_in = latents.to(self.transformer.dtype)
-        if text is not None and cache is self.cache and cache.cache_text and not cache.has_text \
-                and not torch.is_grad_enabled():
-            # the prompt's text K/V first: the stream's first forward is then a graph replay too, not an eager forward
+        if text_up_front(text, cache, self.cache):
             self.transformer.cache_text(text, cache)
             text = None
 

@@ -377,21 +377,20 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                 copied to the second device), 2 (default, fastest on two H200s: 1.65-1.70 s against 1.83-1.86 s
                 with 0) also the next chunk's first step (:mod:`raven_video.pipelines.token_parallel`).
         """
-        if transformer_split is not None:
-            if devices is None:
-                raise ValueError(f"transformer_split={transformer_split!r} needs devices=(first, second), e.g. "
-                                 "devices=('cuda:0', 'cuda:1').")
-            if not 0.0 < float(transformer_split) < 1.0:
-                raise ValueError(f"transformer_split={transformer_split!r} must be in (0, 1): the first device's share "
-                                 "of each chunk's tokens, e.g. 0.5.")
-            compile_kwargs.setdefault("dynamic", False)  # each device's share has its own static shape
         if unsplit_forwards is not None and transformer_split is None:
             raise ValueError(f"unsplit_forwards={unsplit_forwards!r} needs transformer_split (it runs some of the "
                              "split transformer's forwards whole), e.g. transformer_split=0.5.")
         if transformer_split is not None:
             from .token_parallel import check_unsplit_forwards
 
+            if devices is None:
+                raise ValueError(f"transformer_split={transformer_split!r} needs devices=(first, second), e.g. "
+                                 "devices=('cuda:0', 'cuda:1').")
+            if not 0.0 < float(transformer_split) < 1.0:
+                raise ValueError(f"transformer_split={transformer_split!r} must be in (0, 1): the first device's share "
+                                 "of each chunk's tokens, e.g. 0.5.")
             unsplit_forwards = check_unsplit_forwards(2 if unsplit_forwards is None else unsplit_forwards)
+            compile_kwargs.setdefault("dynamic", False)  # each device's share has its own static shape
         self._decode_device = None
         if devices is not None:
             self._place_decoder(devices, split=transformer_split is not None)

@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..models.kv_cache import WanKVCache
+from .cuda_graphs import StreamingGraphs, text_up_front
 
 logger = logging.getLogger(__name__)
 
@@ -158,8 +159,6 @@ class TokenParallelDenoiser:
         self._unsplit_left = 0  # denoising forwards still to run whole after the last whole cache pass
         self._whole = None  # CUDA graphs of the first device's whole forwards (unsplit_forwards > 0)
         if self.unsplit_forwards and self.cuda_graphs:
-            from .cuda_graphs import StreamingGraphs
-
             self._whole = StreamingGraphs(transformer, warmup_calls=warmup_calls)
 
     @property
@@ -190,8 +189,7 @@ class TokenParallelDenoiser:
                  frame_offset: int, update_cache: bool = False) -> torch.Tensor:
         """``transformer(latents, timestep, text, kv_cache=cache, frame_offset=..., update_cache=...).sample``."""
         model_in = latents.to(self.transformer.dtype)
-        if text is not None and cache is self._cache0 and cache.cache_text and not cache.has_text \
-                and not torch.is_grad_enabled():
+        if text_up_front(text, cache, self._cache0):
             for rep, dev, device_cache in zip(self.replicas, self.devices, self.caches):
                 rep.cache_text(text.to(dev), device_cache)
         if cache is not self._cache0 or not cache.has_text or timestep.ndim != 1 or torch.is_grad_enabled():
